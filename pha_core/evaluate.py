@@ -1,0 +1,98 @@
+"""Evaluation: per-task metrics with the task given and with the task retrieved (Eq. 10), and routing accuracy.
+
+Each batch is encoded once; the decoder then runs with the gold task's adapters ("given") and, when the model
+can route, with the retrieved prototype's adapters ("retrieved"). Routing accuracy is the share of held-out
+inputs whose nearest prototype is their own task's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .metrics import score, task_metrics
+from .model import PHAModel
+from .tasks import Example
+
+
+@torch.inference_mode()
+def predict_examples(
+    model: PHAModel, examples: Sequence[Example], batch_size: int = 64, max_new_tokens: int | None = None
+) -> dict[str, list]:
+    """Outputs with the gold task ("given"), with the retrieved task ("retrieved"), and the retrieved names."""
+    model.eval()
+    bb, cfg = model.backbone, model.config
+    new_tokens = max_new_tokens or cfg.max_target_length
+    given, retrieved, routes = [], [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        enc = bb.tokenize([e.input for e in chunk], cfg.max_source_length)
+        ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
+        gold = model.task_ids([e.task for e in chunk])
+        hidden = model.encode(ids, mask, gold)
+        z = model.instance_vectors(hidden, mask) if model.retriever is not None else None
+        out = model.greedy_decode(hidden, mask, model.decoder_adapters(gold, z), new_tokens)
+        given += [bb.decode_text(row) for row in out]
+        if cfg.routes_by_prototype:
+            picked = model.retrieve(z, top_k=1).indices[:, 0]
+            routes += [model.tasks[i] for i in picked.tolist()]
+            if torch.equal(picked, gold):
+                retrieved += given[-len(chunk) :]
+            else:
+                out = model.greedy_decode(hidden, mask, model.decoder_adapters(picked, z), new_tokens)
+                retrieved += [bb.decode_text(row) for row in out]
+    return {"given": given, "retrieved": retrieved, "routes": routes}
+
+
+def evaluate(
+    model: PHAModel,
+    splits: dict[str, Sequence[Example]],
+    batch_size: int = 64,
+    max_new_tokens: int | None = None,
+) -> dict:
+    """Metrics per task (given / retrieved), averages (one figure per task) and routing accuracy."""
+    results: dict[str, dict] = {}
+    for task, examples in splits.items():
+        if not examples:
+            raise ValueError(f"no {task} examples to evaluate")
+        out = predict_examples(model, examples, batch_size, max_new_tokens)
+        targets = [e.target for e in examples]
+        entry: dict = {"n": len(examples), "given": task_metrics(task, out["given"], targets)}
+        entry["given"]["score"] = score(task, entry["given"])
+        if out["retrieved"]:
+            entry["retrieved"] = task_metrics(task, out["retrieved"], targets)
+            entry["retrieved"]["score"] = score(task, entry["retrieved"])
+            entry["routing_accuracy"] = sum(r == task for r in out["routes"]) / len(examples)
+            entry["routed_to"] = {name: out["routes"].count(name) for name in sorted(set(out["routes"]))}
+        entry["samples"] = [
+            {"input": e.input[:120], "target": e.target, "output": o}
+            for e, o in zip(examples[:3], out["given"][:3], strict=False)
+        ]
+        results[task] = entry
+    average = {"given": _mean([r["given"]["score"] for r in results.values()])}
+    if all("retrieved" in r for r in results.values()):
+        average["retrieved"] = _mean([r["retrieved"]["score"] for r in results.values()])
+        total = sum(r["n"] for r in results.values())
+        average["routing_accuracy"] = sum(r["routing_accuracy"] * r["n"] for r in results.values()) / total
+    return {"tasks": results, "average": average}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def format_table(report: dict) -> str:
+    """A plain-text table of an `evaluate` report, for the terminal."""
+    lines = [f"{'task':<8} {'n':>5}  {'given':>7}  {'retrieved':>9}  {'routing':>7}  metrics (given)"]
+    for task, r in report["tasks"].items():
+        retrieved = f"{r['retrieved']['score']:9.3f}" if "retrieved" in r else f"{'-':>9}"
+        routing = f"{r['routing_accuracy']:7.3f}" if "routing_accuracy" in r else f"{'-':>7}"
+        metrics = ", ".join(f"{k}={v:.3f}" for k, v in r["given"].items() if k != "score")
+        lines.append(f"{task:<8} {r['n']:>5}  {r['given']['score']:7.3f}  {retrieved}  {routing}  {metrics}")
+    avg = report["average"]
+    lines.append(
+        f"{'average':<8} {'':>5}  {avg['given']:7.3f}  "
+        + (f"{avg['retrieved']:9.3f}  {avg['routing_accuracy']:7.3f}" if "retrieved" in avg else "")
+    )
+    return "\n".join(lines)

@@ -1,0 +1,163 @@
+"""Inference for serving: the tensor side of a request, behind plain-Python types.
+
+The service never touches tensors. It asks an `Engine` to
+  1. `encode` texts (tokenize, encoder with its shared adapters, retriever z as float32 numpy),
+  2. route z to a task (routing.PrototypeIndex) and fetch each task's `AdapterSet` (cached as bytes),
+  3. `generate` with one adapter set per example: a mixed-task batch is one forward pass.
+Adapter sets serialise to safetensors bytes (never pickle), so a cache can hold them safely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .adapters import AdapterWeights
+from .model import PHAModel
+
+
+class AdapterSet:
+    """One task's decoder adapters: an `AdapterWeights` per decoder layer, leading dim 1."""
+
+    def __init__(self, layers: list[AdapterWeights]) -> None:
+        self.layers = layers
+
+    def to_bytes(self) -> bytes:
+        tensors = {
+            f"{i}.{name}": t.detach().cpu().contiguous()
+            for i, w in enumerate(self.layers)
+            for name, t in zip(("w_down", "b_down", "w_up", "b_up"), w.tensors(), strict=True)
+        }
+        return st_save(tensors)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, n_layers: int) -> AdapterSet:
+        """Parse safetensors bytes; raises ValueError when they are not a complete adapter set."""
+        try:
+            tensors = st_load(data)
+            layers = [
+                AdapterWeights(*(tensors[f"{i}.{name}"] for name in ("w_down", "b_down", "w_up", "b_up")))
+                for i in range(n_layers)
+            ]
+        except Exception as exc:  # safetensors raises its own types for corrupt bytes
+            raise ValueError(f"not a valid adapter set: {exc}") from exc
+        return cls(layers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for w in self.layers for t in w.tensors())
+
+
+@dataclass
+class Encoded:
+    """An encoded batch. `z` is the retriever's output (None for variants without a retriever)."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    z: np.ndarray | None
+
+    def __len__(self) -> int:
+        return self.hidden.size(0)
+
+
+class Engine:
+    """Thread-safe inference over one `PHAModel` (eval mode, no grad)."""
+
+    def __init__(self, model: PHAModel, model_version: str | None = None) -> None:
+        self.model = model.eval()
+        self.config = model.config
+        self.backbone = model.backbone
+        self.model_version = model_version or fingerprint(model)
+        # Torch modules are safe to call from several threads in eval mode, but the tokenizer is not always:
+        # guard the one shared Rust tokenizer.
+        self._tokenizer_lock = threading.Lock()
+
+    # -------------------------------------------------------------------------------- metadata
+    @property
+    def tasks(self) -> list[str]:
+        return self.model.tasks
+
+    @property
+    def can_route(self) -> bool:
+        return self.config.routes_by_prototype
+
+    def trained_prototypes(self) -> np.ndarray:
+        """The trained prototype table [T, proto_dim] in `tasks` order."""
+        if self.model.prototypes is None:
+            raise ValueError(f"variant {self.config.variant!r} has no prototypes")
+        return self.model.prototypes.weight.detach().float().cpu().numpy().copy()
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        with self._tokenizer_lock:
+            return [len(ids) for ids in self.backbone.tokenizer(texts, truncation=False).input_ids]
+
+    def can_represent(self, text: str) -> bool:
+        """Whether a target text survives tokenize -> decode unchanged (e.g. no unknown characters)."""
+        with self._tokenizer_lock:
+            ids = self.backbone.target_ids(text)[:-1]
+        return self.backbone.decode_text(ids) == text.strip()
+
+    # ------------------------------------------------------------------------------ the pipeline
+    @torch.inference_mode()
+    def encode(self, texts: list[str], adapters_on: bool = True) -> Encoded:
+        with self._tokenizer_lock:
+            batch = self.backbone.tokenize(texts, self.config.max_source_length)
+        ids = batch["input_ids"].to(self.model.device)
+        mask = batch["attention_mask"].to(self.model.device)
+        if not adapters_on:
+            with self.model.adapter_switch.off():
+                return Encoded(self.backbone.encode(ids, mask), mask, None)
+        hidden = self.model.encode(ids, mask)
+        z = None
+        if self.model.retriever is not None:
+            z = self.model.instance_vectors(hidden, mask).float().cpu().numpy()
+        return Encoded(hidden, mask, z)
+
+    @torch.inference_mode()
+    def adapters_for_prototype(self, prototype: np.ndarray) -> AdapterSet:
+        """H(C([k; e_m])) for every decoder layer: a task's adapters from its prototype."""
+        cond = torch.as_tensor(np.asarray(prototype, dtype=np.float32), device=self.model.device).view(1, -1)
+        return AdapterSet([w for w in self.model.adapters_from_condition(cond)])
+
+    @torch.inference_mode()
+    def generate(self, encoded: Encoded, adapter_sets: list[AdapterSet], max_new_tokens: int) -> list[str]:
+        """Greedy outputs, one adapter set per example (the same object may repeat: it is gathered once)."""
+        if len(adapter_sets) != len(encoded):
+            raise ValueError(f"{len(encoded)} inputs but {len(adapter_sets)} adapter sets")
+        unique: dict[int, int] = {}
+        order = [unique.setdefault(id(s), len(unique)) for s in adapter_sets]
+        distinct = list({id(s): s for s in adapter_sets}.values())
+        rows = torch.tensor(order, device=self.model.device)
+        layers = [
+            AdapterWeights(
+                *(
+                    torch.cat(parts).to(self.model.device)
+                    for parts in zip(*(s.layers[m].tensors() for s in distinct), strict=True)
+                )
+            ).index_select(rows)
+            for m in range(self.model.n_decoder_layers)
+        ]
+        ids = self.model.greedy_decode(encoded.hidden, encoded.mask, layers, max_new_tokens)
+        return [self.backbone.decode_text(row) for row in ids]
+
+    @torch.inference_mode()
+    def generate_plain(self, encoded: Encoded, max_new_tokens: int) -> list[str]:
+        """The backbone without any adapter: the baseline the service benchmark compares against."""
+        with self.model.adapter_switch.off():
+            ids = self.model.greedy_decode(encoded.hidden, encoded.mask, None, max_new_tokens)
+        return [self.backbone.decode_text(row) for row in ids]
+
+
+def fingerprint(model: PHAModel) -> str:
+    """Model version: a hash of the config and every trained tensor (changes whenever the model does)."""
+    digest = hashlib.sha256(model.config.to_json().encode())
+    for name, tensor in sorted(model.trainable_state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]

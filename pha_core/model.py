@@ -1,0 +1,207 @@
+"""The PHA model (paper section 3), top to bottom.
+
+    input x --encoder (frozen, + task-shared adapters on every FFN)--> h
+    z   = G(mean(h))                                   instance-dense retriever (retriever.py)
+    k_t = prototypes[t]  (training: gold task t; serving: t = argmax_i cos(k_i, z), Eq. 10)
+    for each decoder layer m: adapter_m = H(C([k_t; e_m]))     (hypernetwork.py)
+    y   = decoder (frozen, + adapter_m in parallel with every FFN) reading h
+    loss = CE(y) + lam * (L_IR(z) + L_Pro(z, k))          (losses.py)
+
+Every example of a batch carries its own task, so one batch mixes tasks: generated weights are gathered per
+example and applied with batched matmuls (adapters.py). The ablations and baselines of `PHAConfig.variant`
+change only where the adapter weights come from and which losses run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import WRAPPERS, Adapter, AdapterContext, AdapterSwitch, AdapterWeights, GeneratedAdapter
+from .backbones import Backbone, build_backbone
+from .config import PHAConfig
+from .hypernetwork import AdapterGenerator, TaskAdapterTable
+from .losses import (
+    LossParts,
+    instance_contrastive_loss,
+    prototype_contrastive_loss,
+    token_cross_entropy,
+)
+from .retriever import InstanceDenseRetriever, Retrieval, retrieve
+
+
+class PHAModel(nn.Module):
+    def __init__(self, config: PHAConfig, backbone: Backbone | None = None) -> None:
+        super().__init__()
+        if not config.tasks:
+            raise ValueError("a PHA model needs at least one task (config.tasks is empty)")
+        self.config = config
+        self.backbone = backbone if backbone is not None else build_backbone(config.backbone)
+        self.backbone.set_trainable(config.backbone.decoder_trainable)
+        d, b, p = self.backbone.d_model, config.bottleneck, config.proto_dim
+        n_tasks = len(config.tasks)
+        enc_sites = self.backbone.encoder_ffn_sites()
+        dec_sites = self.backbone.decoder_ffn_sites()
+        self.n_encoder_layers, self.n_decoder_layers = len(enc_sites), len(dec_sites)
+
+        # Per-call adapter weights live in context variables owned by this model, never in module state.
+        self.encoder_context = AdapterContext(f"pha-encoder-{id(self)}")
+        self.decoder_context = AdapterContext(f"pha-decoder-{id(self)}")
+        self.adapter_switch = AdapterSwitch(f"pha-adapters-on-{id(self)}")
+
+        # Task-shared encoder adapters (Hyperformer generates them per task instead).
+        self.encoder_adapters = (
+            None if config.variant == "hyperformer" else nn.ModuleList(Adapter(d, b) for _ in enc_sites)
+        )
+        # Instance-dense retriever G.
+        self.retriever = InstanceDenseRetriever(d, config.retriever_hidden, p) if config.uses_retriever else None
+        # Task prototypes k_i: trainable rows, NOT running means of z.
+        self.prototypes = nn.Embedding(n_tasks, p) if config.variant in ("pha", "no_retriever", "hyperformer") else None
+        if self.prototypes is not None:
+            nn.init.normal_(self.prototypes.weight)
+        # Where decoder (and, for Hyperformer, encoder) adapter weights come from.
+        n_generated = self.n_decoder_layers + (self.n_encoder_layers if config.variant == "hyperformer" else 0)
+        self.generator = (
+            None
+            if config.variant == "adapter"
+            else AdapterGenerator(
+                n_generated, p, config.project_hidden, config.hyper_dim, d, b, config.hyper_up_init_scale
+            )
+        )
+        self.task_adapters = (
+            TaskAdapterTable(n_tasks, self.n_decoder_layers, d, b) if config.variant == "adapter" else None
+        )
+        self._insert_adapters(enc_sites, dec_sites)
+
+    def _insert_adapters(self, enc_sites, dec_sites) -> None:
+        """Put a parallel adapter beside every FFN sublayer of the backbone."""
+        if self.encoder_adapters is not None:
+            enc_adapters = list(self.encoder_adapters)
+        else:
+            enc_adapters = [GeneratedAdapter(self.encoder_context, i) for i in range(len(enc_sites))]
+        dec_adapters = [GeneratedAdapter(self.decoder_context, i) for i in range(len(dec_sites))]
+        for site, adapter in zip(enc_sites + dec_sites, enc_adapters + dec_adapters, strict=True):
+            wrapped = WRAPPERS[site.style](getattr(site.parent, site.attr), adapter, self.adapter_switch)
+            setattr(site.parent, site.attr, wrapped)
+
+    # ----------------------------------------------------------------------------------------- tasks
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.config.tasks)
+
+    def task_ids(self, names: list[str]) -> torch.Tensor:
+        index = {name: i for i, name in enumerate(self.config.tasks)}
+        unknown = sorted({n for n in names if n not in index})
+        if unknown:
+            raise KeyError(f"unknown task(s) {unknown}; this model knows {self.config.tasks}")
+        return torch.tensor([index[n] for n in names], dtype=torch.long, device=self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ----------------------------------------------------------------------------------- encoder + G
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Encoder hidden states with the encoder adapters (per task only for the Hyperformer baseline)."""
+        enc_weights = None
+        if self.config.variant == "hyperformer":
+            if task_ids is None:
+                raise ValueError("the hyperformer variant needs the task of every input")
+            enc_weights = self._generated_weights(task_ids)[: self.n_encoder_layers]
+        with self.encoder_context.use(enc_weights):
+            return self.backbone.encode(input_ids, attention_mask)
+
+    def instance_vectors(self, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """z = G(mean(h)) (Eq. 2)."""
+        if self.retriever is None:
+            raise ValueError(f"variant {self.config.variant!r} has no retriever")
+        return self.retriever(encoder_hidden, attention_mask)
+
+    def retrieve(self, z: torch.Tensor, top_k: int = 2) -> Retrieval:
+        """Eq. 10: the nearest trained prototype of each z, with score and margin."""
+        if not self.config.routes_by_prototype:
+            raise ValueError(f"variant {self.config.variant!r} cannot route by prototype")
+        return retrieve(z, self.prototypes.weight, top_k)
+
+    # ------------------------------------------------------------------------- adapter weights
+    def adapters_from_condition(self, cond: torch.Tensor) -> list[AdapterWeights]:
+        """Decoder adapter weights for condition vectors [N, proto_dim] (prototypes, or z when ablated)."""
+        return self.generator(cond)[-self.n_decoder_layers :]
+
+    def _generated_weights(self, task_ids: torch.Tensor) -> list[AdapterWeights]:
+        """All generated layers for a batch of task ids, made once per distinct task, then gathered."""
+        unique, inverse = torch.unique(task_ids, return_inverse=True)
+        per_task = self.generator(self.prototypes(unique))
+        return [w.index_select(inverse) for w in per_task]
+
+    def decoder_adapters(
+        self, task_ids: torch.Tensor | None = None, z: torch.Tensor | None = None
+    ) -> list[AdapterWeights]:
+        """Per-example decoder adapter weights, from wherever this variant takes them."""
+        if self.config.variant == "adapter":
+            return self.task_adapters(task_ids)
+        if self.config.variant == "no_prototype":
+            return self.adapters_from_condition(z)
+        return self._generated_weights(task_ids)[-self.n_decoder_layers :]
+
+    # ----------------------------------------------------------------------------------- training
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        task_ids: torch.Tensor,
+    ) -> LossParts:
+        """Eq. 9 on one mixed-task batch, with the gold task feeding the hypernetwork."""
+        h = self.encode(input_ids, attention_mask, task_ids)
+        z = self.instance_vectors(h, attention_mask) if self.retriever is not None else None
+        with self.decoder_context.use(self.decoder_adapters(task_ids, z)):
+            logits, _ = self.backbone.decode(decoder_input_ids, h, attention_mask)
+        ce = token_cross_entropy(logits, labels)
+        zero = ce.new_zeros(())
+        ir = instance_contrastive_loss(z, task_ids, self.config.temperature) if z is not None else zero
+        pro = (
+            prototype_contrastive_loss(z, self.prototypes.weight, task_ids, self.config.temperature)
+            if self.config.variant == "pha"
+            else zero
+        )
+        return LossParts(ce + self.config.lam * (ir + pro), ce, ir, pro)
+
+    # --------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def greedy_decode(
+        self,
+        encoder_hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        adapters: list[AdapterWeights] | None,
+        max_new_tokens: int,
+    ) -> list[list[int]]:
+        """Greedy decoding with a KV cache; one adapter set per example. Returns token ids without EOS."""
+        bb = self.backbone
+        batch = encoder_hidden.size(0)
+        current = torch.full((batch, 1), bb.decoder_start_token_id, dtype=torch.long, device=self.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        steps: list[torch.Tensor] = []
+        cache = None
+        with self.decoder_context.use(adapters):
+            for _ in range(max_new_tokens):
+                logits, cache = bb.decode(current, encoder_hidden, attention_mask, cache=cache, use_cache=True)
+                token = logits[:, -1].argmax(dim=-1).masked_fill(done, bb.eos_token_id)
+                steps.append(token)
+                done |= token == bb.eos_token_id
+                if bool(done.all()):
+                    break
+                current = token.unsqueeze(1)
+        rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(batch)]
+        return [row[: row.index(bb.eos_token_id)] if bb.eos_token_id in row else row for row in rows]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the tensors training changes: what a checkpoint stores."""
+        names = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}

@@ -1,0 +1,263 @@
+"""Multi-task training (paper section 3 and 4.1): proportional mixing, AdamW, linear warm-up and decay.
+
+Runs unchanged on the CPU, on one GPU, and on several under `torchrun` / `accelerate launch` (DDP: each rank
+draws its own batches from a rank-seeded mixer, gradients are averaged, rank 0 logs and writes checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .batching import collate
+from .checkpoint import TRAINER_FILE, load_checkpoint, read_meta, save_checkpoint
+from .config import PHAConfig
+from .data import ProportionalMixer, load_splits
+from .model import PHAModel
+from .tasks import GLUE_TASKS, Example
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe; saved in the checkpoint's config.json as "recipe"."""
+
+    tasks: list[str] = field(default_factory=lambda: list(GLUE_TASKS))
+    data_dir: str | None = None  # None: $PHA_DATA_DIR or ../shared/data; "hf": Hugging Face datasets
+    n_train: int | None = 100  # low-data regime: examples per task (None: all)
+    fraction: float | None = None  # or a fraction of each task's train split
+    max_eval: int | None = 200  # cap on validation/test rows per task for evaluations during training
+    seed: int = 42
+    steps: int = 300
+    batch_size: int = 32
+    # The paper trains T5 with 3e-4 for many thousand steps; a short CPU run of the warm-started MiniLM
+    # decoder needs a larger rate (pha-method.md §7 measured 1e-3 at batch 32).
+    lr: float = 1e-3
+    warmup_steps: int | None = None  # None: 10% of steps (the paper's 500 is for ~65k-step runs)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    save_every: int = 0  # 0: save only at the end
+    output: str = "runs/pha"
+    device: str = "auto"
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if not self.tasks:
+            raise ValueError("at least one task is needed")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def linear_schedule(warmup: int, total: int):
+    """Linear warm-up to the peak rate, then linear decay to zero at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup_distributed(device: torch.device) -> Distributed:
+    dist_info = Distributed.from_env()
+    if dist_info.world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist_info
+
+
+def load_data(cfg: TrainConfig) -> dict[str, dict[str, list[Example]]]:
+    from .data import data_dir_from_env
+
+    data_dir = None if cfg.data_dir == "hf" else Path(cfg.data_dir) if cfg.data_dir else data_dir_from_env()
+    return load_splits(
+        cfg.tasks, data_dir, seed=cfg.seed, n_train=cfg.n_train, fraction=cfg.fraction, max_eval=cfg.max_eval
+    )
+
+
+class Trainer:
+    """Owns the model, optimiser, schedule and data stream of one training run."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg: PHAConfig, resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.device = resolve_device(cfg.device)
+        if cfg.device == "auto" and self.device.type == "cuda":
+            torch.cuda.set_device(Distributed.from_env().local_rank)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dist = setup_distributed(self.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.output = Path(cfg.output)
+        self.splits = load_data(cfg)
+        self.train_sets = {t: s["train"] for t, s in self.splits.items()}
+        model_cfg.tasks = list(cfg.tasks)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        trainer_state = None
+        if resume and (self.output / TRAINER_FILE).is_file():
+            self.model = load_checkpoint(self.output, expect=model_cfg).train()
+            trainer_state = torch.load(self.output / TRAINER_FILE, weights_only=True)
+        else:
+            self.model = PHAModel(model_cfg)
+        self.model.to(self.device).train()
+        self.task_index = {t: i for i, t in enumerate(self.model.tasks)}
+        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(cfg.warmup, cfg.steps))
+        self.mixer = ProportionalMixer(self.train_sets, cfg.batch_size, seed=cfg.seed + self.dist.rank)
+        if trainer_state is not None:
+            self._restore(trainer_state)
+        self.ddp_model: nn.Module = self.model
+        if self.dist.world_size > 1:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.mixer.load_state_dict({"batches_drawn": int(state["batches_drawn"])})
+        self.step = int(state["step"])
+        history_file = self.output / "train_log.json"
+        if history_file.is_file():
+            self.history = json.loads(history_file.read_text())["history"]
+
+    def train_step(self, examples: list[Example]) -> dict[str, float]:
+        batch = collate(
+            self.model.backbone,
+            examples,
+            self.task_index,
+            self.model.config.max_source_length,
+            self.model.config.max_target_length,
+        ).to(self.device)
+        parts = self.ddp_model(**batch.model_inputs())
+        parts.total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {**parts.as_floats(), "grad_norm": float(grad_norm)}
+
+    def run(self, evaluate_fn=None) -> dict[str, Any]:
+        """Train to `steps`, logging the loss parts; returns the history and final evaluation."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=self.cfg.steps,
+            initial=self.step,
+            disable=not (self.progress and self.dist.is_main),
+            desc="pha train",
+            dynamic_ncols=True,
+        )
+        window: list[dict[str, float]] = []
+        started, seen = time.perf_counter(), 0
+        while self.step < self.cfg.steps:
+            window.append(self.train_step(next(self.mixer)))
+            self.step += 1
+            seen += self.cfg.batch_size * self.dist.world_size
+            bar.update(1)
+            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                row = {k: sum(r[k] for r in window) / len(window) for k in window[0]}
+                row.update(
+                    step=self.step,
+                    lr=self.scheduler.get_last_lr()[0],
+                    examples_per_s=seen / (time.perf_counter() - started),
+                )
+                self.history.append(row)
+                bar.set_postfix(
+                    ce=f"{row['ce']:.3f}",
+                    ir=f"{row['ir']:.3f}",
+                    pro=f"{row['pro']:.3f}",
+                    ex_s=f"{row['examples_per_s']:.1f}",
+                )
+                window = []
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and evaluate_fn:
+                self.history[-1]["validation"] = evaluate_fn(self.model, "validation")["average"]
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
+                self.save()
+        bar.close()
+        self.save()
+        return {"history": self.history, "train_seconds": time.perf_counter() - started}
+
+    def save(self) -> None:
+        if not self.dist.is_main:
+            return
+        recipe = {
+            **asdict(self.cfg),
+            "steps_done": self.step,
+            "train_sizes": {t: len(s) for t, s in self.train_sets.items()},
+        }
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "batches_drawn": self.mixer.batches_drawn,
+        }
+        save_checkpoint(self.model, self.output, recipe=recipe, trainer_state=state)
+        _write_json_atomic(self.output / "train_log.json", {"history": self.history})
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def loss_trend(history: list[dict[str, float]], key: str) -> tuple[float, float]:
+    """Mean of `key` over the first and the last quarter of the logged rows."""
+    if not history:
+        return math.nan, math.nan
+    q = max(1, len(history) // 4)
+    first = [r[key] for r in history[:q]]
+    last = [r[key] for r in history[-q:]]
+    return sum(first) / len(first), sum(last) / len(last)
+
+
+def recipe_of(checkpoint: str | Path) -> dict[str, Any]:
+    return read_meta(checkpoint).get("recipe", {})
