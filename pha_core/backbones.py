@@ -16,6 +16,7 @@ Two families:
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,15 @@ class FFNSite:
     parent: nn.Module
     attr: str
     style: str  # "pre_ln" | "post_ln"
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` in 5.24; support both spellings."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_cache(out: object) -> object | None:
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
 
 class Backbone(nn.Module):
@@ -133,6 +143,7 @@ class MiniLMBackbone(Backbone):
             }
         )
         self.decoder = BertLMHeadModel(dec_cfg)
+        self._cache_kw = cache_kwarg(self.decoder)
         self._warm_start_decoder()
         self.d_model = enc_cfg.hidden_size
         self.n_decoder_layers = cfg.decoder_layers
@@ -163,10 +174,10 @@ class MiniLMBackbone(Backbone):
             input_ids=decoder_input_ids,
             encoder_hidden_states=encoder_hidden,
             encoder_attention_mask=encoder_mask,
-            cache=cache,
             use_cache=use_cache,
+            **{self._cache_kw: cache},
         )
-        return out.logits, out.cache
+        return out.logits, output_cache(out)
 
     def encoder_ffn_sites(self) -> list[FFNSite]:
         return [FFNSite(layer, "output", "post_ln") for layer in self.encoder.encoder.layer]
@@ -214,6 +225,7 @@ class T5Backbone(Backbone):
                 f"cannot load T5 checkpoint {cfg.name!r}: give a local directory, or a hub id with network "
                 f"(HF_HUB_OFFLINE is {'set' if _offline() else 'not set'}): {exc}"
             ) from exc
+        self._cache_kw = cache_kwarg(self.model)
         c = self.model.config
         self.d_model = c.d_model
         self.n_decoder_layers = c.num_decoder_layers
@@ -229,10 +241,10 @@ class T5Backbone(Backbone):
             encoder_outputs=(encoder_hidden,),
             attention_mask=encoder_mask,
             decoder_input_ids=decoder_input_ids,
-            cache=cache,
             use_cache=use_cache,
+            **{self._cache_kw: cache},
         )
-        return out.logits, out.cache
+        return out.logits, output_cache(out)
 
     def _ffn_sites(self, stack: nn.Module) -> list[FFNSite]:
         return [FFNSite(block.layer[-1], "DenseReluDense", "pre_ln") for block in stack.block]
@@ -259,8 +271,13 @@ def _offline() -> bool:
 
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:
-    if cfg.kind == "minilm":
-        return MiniLMBackbone(cfg)
-    if cfg.kind == "t5":
-        return T5Backbone(cfg)
-    raise BackboneError(f"unknown backbone kind {cfg.kind!r}; choose 'minilm' or 't5'")
+    builders = {"minilm": MiniLMBackbone, "t5": T5Backbone}
+    if cfg.kind not in builders:
+        raise BackboneError(f"unknown backbone kind {cfg.kind!r}; choose 'minilm' or 't5'")
+    if not cfg.random_init:
+        return builders[cfg.kind](cfg)
+    # Random test backbones are not stored in checkpoints, so they must be rebuilt identically: a fixed seed
+    # in a forked RNG (the caller's random state is left as it was).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return builders[cfg.kind](cfg)

@@ -49,13 +49,20 @@ def save_checkpoint(
     path: str | Path,
     recipe: dict[str, Any] | None = None,
     trainer_state: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write the checkpoint atomically (temp directory + rename) and return its path."""
+    """Write the checkpoint atomically (temp directory + rename) and return its path.
+
+    `dtype` (e.g. torch.float16) stores the tensors smaller; call `round_trainable` first so the model in
+    memory equals what is stored and save -> load stays bit-identical.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
+        tensors = {
+            k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.trainable_state_dict().items()
+        }
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         meta = {
             "pha": model.config.to_dict(),
@@ -66,11 +73,22 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_FILE)
+        # mkdtemp makes the directory private (0700); a checkpoint is read by other users (container images).
+        tmp.chmod(0o755)
+        for file in tmp.iterdir():
+            file.chmod(0o644)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+@torch.no_grad()
+def round_trainable(model: PHAModel, dtype: torch.dtype) -> None:
+    """Round every trained tensor through `dtype` in place (the weights a `dtype` checkpoint will hold)."""
+    for param in model.trainable_parameters():
+        param.copy_(param.to(dtype))
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .batching import collate
-from .checkpoint import TRAINER_FILE, load_checkpoint, read_meta, save_checkpoint
+from .checkpoint import TRAINER_FILE, load_checkpoint, read_meta, round_trainable, save_checkpoint
 from .config import PHAConfig
 from .data import ProportionalMixer, load_splits
 from .model import PHAModel
@@ -51,6 +51,9 @@ class TrainConfig:
     output: str = "runs/pha"
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    # Storage dtype of the final checkpoint: "float16" halves its size (the demo ships that way); the weights
+    # are rounded in memory first, so the evaluated model is exactly the stored one.
+    save_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -59,6 +62,8 @@ class TrainConfig:
             raise ValueError("at least one task is needed")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.save_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"save_dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
 
     @property
     def warmup(self) -> int:
@@ -222,6 +227,8 @@ class Trainer:
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
                 self.save()
         bar.close()
+        if self.cfg.save_dtype != "float32":
+            round_trainable(self.model, getattr(torch, self.cfg.save_dtype))
         self.save()
         return {"history": self.history, "train_seconds": time.perf_counter() - started}
 
@@ -239,7 +246,8 @@ class Trainer:
             "step": self.step,
             "batches_drawn": self.mixer.batches_drawn,
         }
-        save_checkpoint(self.model, self.output, recipe=recipe, trainer_state=state)
+        dtype = getattr(torch, self.cfg.save_dtype) if self.step >= self.cfg.steps else None
+        save_checkpoint(self.model, self.output, recipe=recipe, trainer_state=state, dtype=dtype)
         _write_json_atomic(self.output / "train_log.json", {"history": self.history})
 
 

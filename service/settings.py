@@ -1,0 +1,90 @@
+"""All service settings, from `PHA_*` environment variables (pydantic-settings). Defaults need none of them.
+
+One class for the API, the worker and the CLI, so docker-compose, Kubernetes and `pha serve` can only name
+settings that exist (tests/test_deploy.py checks the deployment files against this class).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PHA_", env_file=None, extra="ignore")
+
+    # --- where things are
+    host: str = Field("127.0.0.1", description="bind address of `pha serve`")
+    port: int = Field(8000, ge=1, le=65535, description="port of `pha serve`")
+    checkpoint: str = Field(
+        "", description="PHA checkpoint directory; empty = the bundled demo checkpoint (see README)"
+    )
+    device: str = Field("cpu", description="torch device of the API (cpu, cuda, auto)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    redis_url: str = Field(
+        "",
+        description="Redis for the adapter cache, job stream and registry notices; "
+        "empty = in-process cache only, no /adapt",
+    )
+    registry_dir: Path = Field(Path("pha-registry"), description="durable registry of adapted tasks (a volume)")
+
+    # --- security
+    api_key: SecretStr = Field(SecretStr(""), description="Bearer key for /adapt and DELETE; empty = refused")
+    dev_mode: bool = Field(False, description="allow mutations without an API key (development only)")
+
+    # --- request limits
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="request body limit (413 above)")
+    max_texts: int = Field(64, ge=1, description="texts per /predict request")
+    max_input_tokens: int = Field(512, ge=8, description="tokens per input text (422 above)")
+    max_new_tokens: int = Field(32, ge=1, le=512, description="upper bound of a request's max_new_tokens")
+    max_concurrent_requests: int = Field(64, ge=1, description="in-flight /predict requests (429 above)")
+    retry_after_seconds: int = Field(1, ge=1, description="Retry-After sent with 429")
+
+    # --- batching
+    max_batch_size: int = Field(32, ge=1, description="texts per model call (micro-batch)")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill")
+    allow_backbone_only: bool = Field(
+        False,
+        description="accept `backbone_only: true` on /predict: the backbone without adapters, for the "
+        "benchmark's baseline (off in production)",
+    )
+    warmup: bool = Field(
+        True,
+        description="at start-up, pre-generate every trained task's adapters and run one "
+        "real prediction before accepting traffic",
+    )
+
+    # --- routing
+    min_route_score: float = Field(-1.0, ge=-1.0, le=1.0, description="cosine below which a route is low")
+    low_score_action: Literal["flag", "refuse"] = Field(
+        "flag", description="below min_route_score: serve with low_confidence=true, or refuse with 422"
+    )
+
+    # --- adapter cache
+    l1_cache_size: int = Field(256, ge=1, description="adapter sets kept in process memory (LRU)")
+    redis_ttl_seconds: int = Field(7 * 24 * 3600, ge=1, description="expiry of cached adapters in Redis")
+    redis_timeout_seconds: float = Field(0.25, gt=0, description="socket timeout of cache calls")
+    redis_backoff_seconds: float = Field(
+        5.0, ge=0, description="after a Redis error, skip Redis for this long (a dead Redis costs no latency)"
+    )
+
+    # --- adaptation jobs (worker)
+    job_stream: str = Field("pha:jobs", description="Redis stream of /adapt jobs")
+    job_group: str = Field("pha-workers", description="consumer group of the workers")
+    worker_name: str = Field("", description="consumer name (default: hostname-pid)")
+    job_max_attempts: int = Field(3, ge=1, description="deliveries before a job is marked failed")
+    job_idle_ms: int = Field(60_000, ge=1000, description="a job unacknowledged this long is reclaimed")
+    max_adapt_examples: int = Field(64, ge=1, description="k limit of /adapt")
+    max_adapt_steps: int = Field(1000, ge=1, description="steps limit of /adapt")
+
+    log_level: str = Field("INFO", description="log level (JSON logs)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("cpu", "auto") and not value.startswith("cuda"):
+            raise ValueError("device must be cpu, auto or cuda[:N]")
+        return value
