@@ -16,6 +16,7 @@ Two families:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from dataclasses import dataclass
@@ -270,12 +271,26 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers prints a load report for MiniLM's unused pooler weights on every start: expected, not news."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
 def build_backbone(cfg: BackboneConfig) -> Backbone:
     builders = {"minilm": MiniLMBackbone, "t5": T5Backbone}
     if cfg.kind not in builders:
         raise BackboneError(f"unknown backbone kind {cfg.kind!r}; choose 'minilm' or 't5'")
     if not cfg.random_init:
-        return builders[cfg.kind](cfg)
+        with _quiet_transformers():
+            return builders[cfg.kind](cfg)
     # Random test backbones are not stored in checkpoints, so they must be rebuilt identically: a fixed seed
     # in a forked RNG (the caller's random state is left as it was).
     with torch.random.fork_rng(devices=[]):

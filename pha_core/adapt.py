@@ -1,0 +1,153 @@
+"""Few-shot adaptation to a new task (paper 3.3 and 4.4.3; pha-method.md section 4).
+
+1. Encode the k examples; score every known prototype by the mean cosine to their z; pick k_a.
+2. A new prototype starts as a copy of k_a. Nothing that exists changes.
+3. Train on the k examples:
+   mode "prototype" (default for serving): only the new prototype trains, with CE + lambda * L_Pro.
+        CE makes H(k_new) generate adapters that solve the task; L_Pro (z against every prototype, the new
+        one as target) pulls k_new towards the task's inputs so retrieval (Eq. 10) routes them to it.
+        A new task costs proto_dim floats and cannot change another task's outputs.
+   mode "adapter": a per-task copy of the generated decoder adapters, initialised from H(k_a), trains with
+        CE; the routing prototype trains beside it with L_Pro alone (it does not feed the adapters).
+   mode "scratch": the baseline, a plain adapter trained from a fresh init (W_up = 0) with CE; routing as in
+        "adapter".
+The encoder and retriever are frozen, so h and z are computed once and each step runs only the decoder.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .adapters import AdapterWeights
+from .batching import collate
+from .inference import AdapterSet
+from .losses import prototype_contrastive_loss, token_cross_entropy
+from .model import PHAModel
+from .tasks import Example
+
+MODES = ("prototype", "adapter", "scratch")
+# Learning rates per trained part: a single 128-d vector tolerates (and needs) a large step; adapter weights
+# use the usual adapter rate.
+PROTOTYPE_LR = 5e-2
+ADAPTER_LR = 1e-3
+
+
+@dataclass
+class AdaptResult:
+    prototype: np.ndarray  # the new task's routing prototype [proto_dim]
+    adapters: AdapterSet | None  # explicit adapters ("adapter"/"scratch" modes); None: generate from prototype
+    source_task: str
+    source_score: float
+    mode: str
+    k: int
+    steps: int
+    final_loss: float
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def _encode(model: PHAModel, examples: Sequence[Example]):
+    bb, cfg = model.backbone, model.config
+    batch = collate(bb, examples, {examples[0].task: 0}, cfg.max_source_length, cfg.max_target_length)
+    batch = batch.to(model.device)
+    with torch.no_grad():
+        hidden = model.encode(batch.input_ids, batch.attention_mask)
+        z = model.instance_vectors(hidden, batch.attention_mask)
+    return batch, hidden, z
+
+
+def choose_source(z: torch.Tensor, prototypes: torch.Tensor, names: Sequence[str]) -> tuple[int, float]:
+    """Step 1: the prototype with the highest mean cosine to the examples' z."""
+    scores = (F.normalize(z, dim=-1) @ F.normalize(prototypes, dim=-1).t()).mean(dim=0)
+    best = int(scores.argmax())
+    return best, float(scores[best])
+
+
+def adapt_task(
+    model: PHAModel,
+    examples: Sequence[Example],
+    prototypes: np.ndarray,
+    names: Sequence[str],
+    mode: str = "prototype",
+    steps: int = 200,
+    seed: int = 0,
+    progress: Callable[[int, float], None] | None = None,
+) -> AdaptResult:
+    """Adapt to the task of `examples` (all with the same `task`), against the known `prototypes` [N, p]."""
+    if mode not in MODES:
+        raise ValueError(f"unknown adaptation mode {mode!r}; choose one of {', '.join(MODES)}")
+    if not model.config.routes_by_prototype:
+        raise ValueError(f"variant {model.config.variant!r} has no prototypes to adapt from")
+    if not examples or steps < 1:
+        raise ValueError("adaptation needs at least one example and one step")
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    model.eval()  # dropout off: k examples are too few for noise to help, and results must be reproducible
+    batch, hidden, z = _encode(model, examples)
+    known = torch.as_tensor(np.asarray(prototypes, dtype=np.float32), device=model.device)
+    source, score = choose_source(z, known, names)
+    new_proto = known[source].clone().requires_grad_(True)
+    adapter_params = _initial_adapters(model, known[source], mode)
+    params = [{"params": [new_proto], "lr": PROTOTYPE_LR}]
+    if adapter_params:
+        params.append({"params": adapter_params, "lr": ADAPTER_LR})
+    optimizer = torch.optim.Adam(params)
+    target = torch.full((len(examples),), known.size(0), device=model.device)
+    losses = []
+    for step in range(steps):
+        layers = _layers(adapter_params) if adapter_params else model.adapters_from_condition(new_proto.view(1, -1))
+        rows = torch.zeros(len(examples), dtype=torch.long, device=model.device)
+        with model.decoder_context.use([w.index_select(rows) for w in layers]):
+            logits, _ = model.backbone.decode(batch.decoder_input_ids, hidden, batch.attention_mask)
+        ce = token_cross_entropy(logits, batch.labels)
+        pro = prototype_contrastive_loss(z, torch.cat([known, new_proto.view(1, -1)]), target, model.config.temperature)
+        loss = ce + (model.config.lam * pro if not adapter_params else pro)
+        # Gradients for the new parts only: the model's own parameters are never touched (no .grad written).
+        trained = [new_proto, *adapter_params]
+        for param, grad in zip(trained, torch.autograd.grad(loss, trained, allow_unused=True), strict=True):
+            param.grad = grad
+        optimizer.step()
+        losses.append(float(ce))
+        if progress is not None:
+            progress(step + 1, float(ce))
+    final = _layers(adapter_params) if adapter_params else None
+    return AdaptResult(
+        prototype=new_proto.detach().cpu().numpy().astype(np.float32),
+        adapters=AdapterSet([AdapterWeights(*(t.detach().cpu() for t in w.tensors())) for w in final])
+        if final
+        else None,
+        source_task=names[source],
+        source_score=score,
+        mode=mode,
+        k=len(examples),
+        steps=steps,
+        final_loss=losses[-1] if losses else math.nan,
+        seconds=time.perf_counter() - started,
+        losses=losses,
+    )
+
+
+def _initial_adapters(model: PHAModel, source_proto: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """Trainable adapter tensors, 4 per decoder layer, each with a leading dim of 1 ([] in prototype mode)."""
+    if mode == "prototype":
+        return []
+    if mode == "adapter":
+        with torch.no_grad():
+            layers = model.adapters_from_condition(source_proto.view(1, -1))
+        return [t.detach().clone().requires_grad_(True) for w in layers for t in w.tensors()]
+    d, b = model.backbone.d_model, model.config.bottleneck
+    fresh = []
+    for _ in range(model.n_decoder_layers):
+        fresh += [torch.randn(1, d, b) / math.sqrt(d), torch.zeros(1, b), torch.zeros(1, b, d), torch.zeros(1, d)]
+    return [t.to(model.device).requires_grad_(True) for t in fresh]
+
+
+def _layers(flat: list[torch.Tensor]) -> list[AdapterWeights]:
+    return [AdapterWeights(*flat[i : i + 4]) for i in range(0, len(flat), 4)]

@@ -1,0 +1,120 @@
+"""The `pha` command: train -> eval on real files with a tiny model, params, and clear errors for bad input."""
+
+import json
+
+import pytest
+import yaml
+from tiny import SMALL_DIMS, TINY_BERT
+
+from pha_core.cli import main
+
+TINY_YAML = {
+    "model": {
+        "backbone": {"kind": "minilm", "random_init": True, "decoder_layers": 1, "overrides": TINY_BERT},
+        **SMALL_DIMS,
+    },
+    "train": {"steps": 3, "batch_size": 8, "n_train": 16, "max_eval": 12, "log_every": 1},
+}
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_YAML))
+    return path
+
+
+@pytest.mark.data
+def test_train_then_eval_writes_metrics_json(tmp_path, tiny_yaml, data_dir, capsys):
+    out = tmp_path / "ckpt"
+    code = main(
+        [
+            "train",
+            "--config",
+            str(tiny_yaml),
+            "--tasks",
+            "sst2",
+            "rte",
+            "--data-dir",
+            str(data_dir),
+            "--output",
+            str(out),
+            "--no-eval",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "hypernetwork H" in printed and "ce:" in printed
+    assert (out / "model.safetensors").is_file() and (out / "train_log.json").is_file()
+    report_file = tmp_path / "report.json"
+    assert main(["eval", str(out), "--max-eval", "8", "--output", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    assert set(report["tasks"]) == {"sst2", "rte"}
+    assert {"given", "retrieved", "routing_accuracy"} <= set(report["average"])
+    assert report["tasks"]["sst2"]["n"] == 8
+
+
+@pytest.mark.data
+def test_resume_continues_where_training_stopped(tmp_path, tiny_yaml, data_dir):
+    out = tmp_path / "ckpt"
+    args = [
+        "train",
+        "--config",
+        str(tiny_yaml),
+        "--tasks",
+        "sst2",
+        "--data-dir",
+        str(data_dir),
+        "--output",
+        str(out),
+        "--no-eval",
+        "--save-every",
+        "2",
+        "--steps",
+        "2",
+    ]
+    assert main(args) == 0
+    assert main([*args[:-1], "4", "--resume"]) == 0
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["recipe"]["steps_done"] == 4
+    history = json.loads((out / "train_log.json").read_text())["history"]
+    assert [row["step"] for row in history] == [1, 2, 3, 4]
+
+
+def test_params_prints_parts_and_formulas(tiny_yaml, capsys):
+    assert main(["params", "--config", str(tiny_yaml), "--tasks", "sst2", "rte"]) == 0
+    out = capsys.readouterr().out
+    for part in ("encoder adapters", "retriever G", "task prototypes", "project network C", "hypernetwork H"):
+        assert part in out
+    assert "T*p = 2*16" in out
+
+
+def test_unknown_task_is_a_clear_error(tiny_yaml, tmp_path, capsys):
+    code = main(["train", "--config", str(tiny_yaml), "--tasks", "sst3", "--output", str(tmp_path / "x")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "sst3" in err and "sst2" in err  # names the bad task and the known ones
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_data_dir_is_a_clear_error(tiny_yaml, tmp_path, capsys):
+    code = main(
+        [
+            "train",
+            "--config",
+            str(tiny_yaml),
+            "--tasks",
+            "sst2",
+            "--data-dir",
+            str(tmp_path / "none"),
+            "--output",
+            str(tmp_path / "x"),
+        ]
+    )
+    assert code == 2
+    assert "PHA_DATA_DIR" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
