@@ -97,6 +97,14 @@ def summarise(runs: list[dict]) -> list[str]:
     return lines
 
 
+def _write(args: argparse.Namespace, runs: list[dict], skipped: list[dict]) -> None:
+    """Rewritten after every run, so a run cut short by a time limit still leaves its measurements."""
+    result = {"machine": machine(), "args": vars(args), "runs": runs, "skipped": skipped, "command": " ".join(sys.argv)}
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=list(GLUE_TASKS))
@@ -120,6 +128,7 @@ def main() -> int:
                 continue
             run = one_run(variant, seed, args)
             runs.append(run)
+            _write(args, runs, skipped)
             print(
                 f"{variant} seed {seed}: given {run['average']['given']:.3f} "
                 f"retrieved {run['average'].get('retrieved', float('nan')):.3f} ({run['seconds']:.0f} s)",

@@ -41,7 +41,8 @@ ADAPTER_LR = 1e-3
 
 @dataclass
 class AdaptResult:
-    prototype: np.ndarray  # the new task's routing prototype [proto_dim]
+    prototype: np.ndarray  # the new task's prototype, the hypernetwork's input [proto_dim]
+    key: np.ndarray  # its routing key in z space [proto_dim]
     adapters: AdapterSet | None  # explicit adapters ("adapter"/"scratch" modes); None: generate from prototype
     source_task: str
     source_score: float
@@ -93,11 +94,13 @@ def adapt_task(
     batch, hidden, z = _encode(model, examples)
     known = torch.as_tensor(np.asarray(prototypes, dtype=np.float32), device=model.device)
     source, score = choose_source(z, known, names)
-    new_proto = known[source].clone().requires_grad_(True)
+    new_proto = known[source].clone().requires_grad_(mode == "prototype")
+    key = known[source].clone().requires_grad_(True)
     adapter_params = _initial_adapters(model, known[source], mode)
-    params = [{"params": [new_proto], "lr": PROTOTYPE_LR}]
-    if adapter_params:
-        params.append({"params": adapter_params, "lr": ADAPTER_LR})
+    params = [{"params": [key], "lr": PROTOTYPE_LR}]
+    params.append(
+        {"params": adapter_params, "lr": ADAPTER_LR} if adapter_params else {"params": [new_proto], "lr": PROTOTYPE_LR}
+    )
     optimizer = torch.optim.Adam(params)
     target = torch.full((len(examples),), known.size(0), device=model.device)
     losses = []
@@ -107,19 +110,20 @@ def adapt_task(
         with model.decoder_context.use([w.index_select(rows) for w in layers]):
             logits, _ = model.backbone.decode(batch.decoder_input_ids, hidden, batch.attention_mask)
         ce = token_cross_entropy(logits, batch.labels)
-        pro = prototype_contrastive_loss(z, torch.cat([known, new_proto.view(1, -1)]), target, model.config.temperature)
-        loss = ce + (model.config.lam * pro if not adapter_params else pro)
+        pro = prototype_contrastive_loss(z, torch.cat([known, key.view(1, -1)]), target, model.config.temperature)
+        loss = ce + pro  # independent parts: CE reaches only the adapters' source, L_Pro only the key
         # Gradients for the new parts only: the model's own parameters are never touched (no .grad written).
-        trained = [new_proto, *adapter_params]
+        trained = [key, *(adapter_params or [new_proto])]
         for param, grad in zip(trained, torch.autograd.grad(loss, trained, allow_unused=True), strict=True):
             param.grad = grad
         optimizer.step()
-        losses.append(float(ce))
+        losses.append(float(ce.detach()))
         if progress is not None:
             progress(step + 1, float(ce))
     final = _layers(adapter_params) if adapter_params else None
     return AdaptResult(
         prototype=new_proto.detach().cpu().numpy().astype(np.float32),
+        key=key.detach().cpu().numpy().astype(np.float32),
         adapters=AdapterSet([AdapterWeights(*(t.detach().cpu() for t in w.tensors())) for w in final])
         if final
         else None,
@@ -151,3 +155,55 @@ def _initial_adapters(model: PHAModel, source_proto: torch.Tensor, mode: str) ->
 
 def _layers(flat: list[torch.Tensor]) -> list[AdapterWeights]:
     return [AdapterWeights(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
+
+
+def adapted_adapters(model: PHAModel, result: AdaptResult) -> AdapterSet:
+    """The decoder adapters an adapted task is served with."""
+    if result.adapters is not None:
+        return result.adapters
+    with torch.no_grad():
+        cond = torch.as_tensor(result.prototype, device=model.device).view(1, -1)
+        return AdapterSet(
+            [AdapterWeights(*(t.detach().cpu() for t in w.tensors())) for w in model.adapters_from_condition(cond)]
+        )
+
+
+@torch.no_grad()
+def score_adapted(
+    model: PHAModel,
+    result: AdaptResult,
+    heldout: Sequence[Example],
+    prototypes: np.ndarray,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Held-out quality of an adapted task: its metrics (exact match for tasks not in the catalogue) and the
+    share of held-out inputs that retrieval routes to the new prototype rather than to a known one."""
+    from .metrics import task_metrics
+    from .tasks import TASKS
+
+    adapters = adapted_adapters(model, result)
+    table = torch.cat(
+        [torch.as_tensor(np.asarray(prototypes, dtype=np.float32)), torch.as_tensor(result.key).view(1, -1)]
+    ).to(model.device)
+    outputs, routed = [], 0
+    for start in range(0, len(heldout), batch_size):
+        chunk = list(heldout[start : start + batch_size])
+        batch, hidden, z = _encode(model, chunk)
+        routed += int((retrieve_rows(z, table) == table.size(0) - 1).sum())
+        layers = [
+            AdapterWeights(*(t.to(model.device).expand(len(chunk), *t.shape[1:]) for t in w.tensors()))
+            for w in adapters.layers
+        ]
+        ids = model.greedy_decode(hidden, batch.attention_mask, layers, model.config.max_target_length)
+        outputs += [model.backbone.decode_text(row) for row in ids]
+    targets = [e.target for e in heldout]
+    task = heldout[0].task
+    if task in TASKS:
+        metrics = task_metrics(task, outputs, targets)
+    else:
+        metrics = {"exact_match": sum(o == t for o, t in zip(outputs, targets, strict=True)) / len(targets)}
+    return {**metrics, "routed_to_new": routed / len(heldout), "n": len(heldout)}
+
+
+def retrieve_rows(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return (F.normalize(z, dim=-1) @ F.normalize(table, dim=-1).t()).argmax(dim=-1)

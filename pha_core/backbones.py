@@ -46,8 +46,9 @@ def cache_kwarg(module: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
-def output_cache(out: object) -> object | None:
-    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+def output_cache(out: object, kwarg: str) -> object | None:
+    """The returned cache, under the same name the forward took (the old name warns on newer versions)."""
+    return getattr(out, kwarg, None)
 
 
 class Backbone(nn.Module):
@@ -178,7 +179,7 @@ class MiniLMBackbone(Backbone):
             use_cache=use_cache,
             **{self._cache_kw: cache},
         )
-        return out.logits, output_cache(out)
+        return out.logits, output_cache(out, self._cache_kw)
 
     def encoder_ffn_sites(self) -> list[FFNSite]:
         return [FFNSite(layer, "output", "post_ln") for layer in self.encoder.encoder.layer]
@@ -245,7 +246,7 @@ class T5Backbone(Backbone):
             use_cache=use_cache,
             **{self._cache_kw: cache},
         )
-        return out.logits, output_cache(out)
+        return out.logits, output_cache(out, self._cache_kw)
 
     def _ffn_sites(self, stack: nn.Module) -> list[FFNSite]:
         return [FFNSite(block.layer[-1], "DenseReluDense", "pre_ln") for block in stack.block]

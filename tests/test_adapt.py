@@ -1,0 +1,69 @@
+"""Few-shot adaptation (pha_core/adapt.py): nothing that exists changes, the new task learns and routes."""
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_config
+
+from pha_core.adapt import adapt_task, adapted_adapters, choose_source, score_adapted
+from pha_core.model import PHAModel
+from pha_core.tasks import Example
+
+SHOTS = [
+    Example("premise: the dog barks. hypothesis: an animal makes noise.", "entailment", "cb"),
+    Example("premise: it is sunny. hypothesis: it is raining.", "contradiction", "cb"),
+    Example("premise: she left. hypothesis: she was tired.", "neutral", "cb"),
+    Example("premise: two men run. hypothesis: people move.", "entailment", "cb"),
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return PHAModel(tiny_config()).eval()
+
+
+def _protos(model):
+    return model.prototypes.weight.detach().numpy().copy()
+
+
+@pytest.mark.parametrize("mode", ["prototype", "adapter", "scratch"])
+def test_adaptation_learns_routes_and_changes_nothing_else(model, mode):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = adapt_task(model, SHOTS, _protos(model), model.tasks, mode=mode, steps=60, seed=0)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "adaptation changed the served model"
+    assert all(p.grad is None for p in model.parameters()), "adaptation wrote gradients into the model"
+    assert result.final_loss < result.losses[0]
+    assert result.source_task in model.tasks and -1.0 <= result.source_score <= 1.0
+    assert (result.adapters is None) == (mode == "prototype")
+    scores = score_adapted(model, result, SHOTS, _protos(model))
+    assert scores["routed_to_new"] == 1.0  # the key learnt to attract the task's own inputs
+
+
+def test_same_seed_gives_the_same_result(model):
+    a = adapt_task(model, SHOTS, _protos(model), model.tasks, steps=5, seed=3)
+    b = adapt_task(model, SHOTS, _protos(model), model.tasks, steps=5, seed=3)
+    assert np.array_equal(a.prototype, b.prototype) and np.array_equal(a.key, b.key)
+
+
+def test_adapted_adapters_in_prototype_mode_come_from_the_hypernetwork(model):
+    result = adapt_task(model, SHOTS, _protos(model), model.tasks, steps=2)
+    adapters = adapted_adapters(model, result)
+    with torch.no_grad():
+        direct = model.adapters_from_condition(torch.as_tensor(result.prototype).view(1, -1))
+    assert torch.equal(adapters.layers[0].w_up, direct[0].w_up)
+
+
+def test_source_is_the_prototype_with_the_best_mean_cosine():
+    z = torch.tensor([[1.0, 0.0], [0.8, 0.2]])
+    prototypes = torch.tensor([[0.0, 1.0], [1.0, 0.1], [-1.0, 0.0]])
+    best, score = choose_source(z, prototypes, ["a", "b", "c"])
+    assert best == 1 and 0.9 < score <= 1.0
+
+
+def test_bad_requests_are_refused(model):
+    with pytest.raises(ValueError, match="mode"):
+        adapt_task(model, SHOTS, _protos(model), model.tasks, mode="magic")
+    with pytest.raises(ValueError, match="at least one example"):
+        adapt_task(model, [], _protos(model), model.tasks)
