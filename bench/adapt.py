@@ -102,9 +102,10 @@ def main() -> int:
                 m = [r.get(metric.get(task, "exact_match"), 0.0) for r in rows]
                 routed = [r["routed_to_new"] for r in rows]
                 sd = statistics.stdev(m) if len(m) > 1 else 0.0
+                seconds = statistics.mean(r["adapt_seconds"] for r in rows)
                 print(
                     f"{task:<6} {k:>3} {mode:<10} {100 * statistics.mean(m):7.1f} ± {100 * sd:4.1f} "
-                    f"{100 * statistics.mean(routed):7.1f}%      {statistics.mean(r['adapt_seconds'] for r in rows):8.1f}"
+                    f"{100 * statistics.mean(routed):7.1f}%      {seconds:8.1f}"
                 )
     return 0
 

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     )
 
     # --- routing
+    faiss_threads: int = Field(
+        1, ge=1, description="FAISS OpenMP threads for routing searches (1 was fastest up to 100k prototypes here)"
+    )
     min_route_score: float = Field(-1.0, ge=-1.0, le=1.0, description="cosine below which a route is low")
     low_score_action: Literal["flag", "refuse"] = Field(
         "flag", description="below min_route_score: serve with low_confidence=true, or refuse with 422"
