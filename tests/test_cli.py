@@ -118,3 +118,32 @@ def test_missing_data_dir_is_a_clear_error(tiny_yaml, tmp_path, capsys):
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nothing")]) == 2
     assert "config.json is missing" in capsys.readouterr().err
+
+
+@pytest.mark.data
+def test_report_draws_both_pictures(tmp_path, tiny_yaml, data_dir):
+    out = tmp_path / "ckpt"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(tiny_yaml),
+                "--tasks",
+                "sst2",
+                "rte",
+                "--data-dir",
+                str(data_dir),
+                "--output",
+                str(out),
+                "--no-eval",
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
+    img = tmp_path / "img"
+    assert main(["report", str(out), "--output", str(img), "--max-eval", "6", "--data-dir", str(data_dir)]) == 0
+    for name in ("prototype_heatmap.png", "retrieval_projection.png"):
+        assert (img / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
