@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from .adapters import AdapterWeights
 from .batching import collate
@@ -80,8 +82,13 @@ def adapt_task(
     steps: int = 200,
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
+    other_keys: np.ndarray | None = None,
 ) -> AdaptResult:
-    """Adapt to the task of `examples` (all with the same `task`), against the known `prototypes` [N, p]."""
+    """Adapt to the task of `examples` (all with the same `task`), against the known `prototypes` [N, p].
+
+    `prototypes` are candidate sources (hypernetwork inputs) and routing competitors; `other_keys` [M, p] are
+    further routing competitors only (earlier adapted tasks), so the new key also keeps clear of them.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown adaptation mode {mode!r}; choose one of {', '.join(MODES)}")
     if not model.config.routes_by_prototype:
@@ -102,7 +109,11 @@ def adapt_task(
         {"params": adapter_params, "lr": ADAPTER_LR} if adapter_params else {"params": [new_proto], "lr": PROTOTYPE_LR}
     )
     optimizer = torch.optim.Adam(params)
-    target = torch.full((len(examples),), known.size(0), device=model.device)
+    rivals = known
+    if other_keys is not None and len(other_keys):
+        extra = torch.as_tensor(np.asarray(other_keys, dtype=np.float32), device=model.device).view(-1, known.size(1))
+        rivals = torch.cat([known, extra])
+    target = torch.full((len(examples),), rivals.size(0), device=model.device)
     losses = []
     for step in range(steps):
         layers = _layers(adapter_params) if adapter_params else model.adapters_from_condition(new_proto.view(1, -1))
@@ -110,7 +121,7 @@ def adapt_task(
         with model.decoder_context.use([w.index_select(rows) for w in layers]):
             logits, _ = model.backbone.decode(batch.decoder_input_ids, hidden, batch.attention_mask)
         ce = token_cross_entropy(logits, batch.labels)
-        pro = prototype_contrastive_loss(z, torch.cat([known, key.view(1, -1)]), target, model.config.temperature)
+        pro = prototype_contrastive_loss(z, torch.cat([rivals, key.view(1, -1)]), target, model.config.temperature)
         loss = ce + pro  # independent parts: CE reaches only the adapters' source, L_Pro only the key
         # Gradients for the new parts only: the model's own parameters are never touched (no .grad written).
         trained = [key, *(adapter_params or [new_proto])]
@@ -155,6 +166,39 @@ def _initial_adapters(model: PHAModel, source_proto: torch.Tensor, mode: str) ->
 
 def _layers(flat: list[torch.Tensor]) -> list[AdapterWeights]:
     return [AdapterWeights(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
+
+
+@dataclass
+class AdaptedTensors:
+    """What the registry stores for an adapted task, parsed back (see `to_bytes`)."""
+
+    prototype: np.ndarray
+    key: np.ndarray
+    adapters: AdapterSet | None
+
+    @classmethod
+    def of(cls, result: AdaptResult) -> AdaptedTensors:
+        return cls(result.prototype, result.key, result.adapters)
+
+    def to_bytes(self) -> bytes:
+        """safetensors: `prototype`, `key`, and `adapters.<layer>.<name>` for explicit adapters."""
+        tensors = {"prototype": torch.as_tensor(self.prototype), "key": torch.as_tensor(self.key)}
+        if self.adapters is not None:
+            parsed = st_load(self.adapters.to_bytes())
+            tensors.update({f"adapters.{name}": t for name, t in parsed.items()})
+        return st_save({k: v.contiguous() for k, v in tensors.items()})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, n_layers: int) -> AdaptedTensors:
+        try:
+            tensors = st_load(data)
+            adapters = None
+            if any(name.startswith("adapters.") for name in tensors):
+                inner = {k.removeprefix("adapters."): v for k, v in tensors.items() if k.startswith("adapters.")}
+                adapters = AdapterSet.from_bytes(st_save(inner), n_layers)
+            return cls(tensors["prototype"].numpy(), tensors["key"].numpy(), adapters)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"not a valid adapted-task file: {exc}") from exc
 
 
 def adapted_adapters(model: PHAModel, result: AdaptResult) -> AdapterSet:

@@ -1,0 +1,166 @@
+"""Micro-batching: texts of concurrent requests are gathered into one model call.
+
+Requests put one `WorkItem` per text on an asyncio queue. When the previous batch is done, the batcher takes the
+waiting items, up to `max_batch` texts, waiting until the oldest has waited `max_wait` if there are fewer, and hands
+the batch to the pipeline. Items of one batch may belong to different requests and different tasks.
+
+Every model call runs on ONE dedicated thread (`ModelRunner`): the event loop never blocks on torch, and model
+calls never run concurrently (so CPU threads are not oversubscribed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import ServiceError
+
+log = logging.getLogger("pha.batcher")
+
+T = TypeVar("T")
+# Batches processed at once. One: texts that arrive while a batch runs wait and form the next, full batch (two in
+# flight halved the batch size under load, measured with bench/serve.py, for little gain: cache fetches are rare).
+BATCHES_IN_FLIGHT = 1
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    output: str
+    task: str | None
+    routed: bool
+    score: float | None = None
+    margin: float | None = None
+    low_confidence: bool = False
+
+
+@dataclass
+class WorkItem:
+    """One text of a request, and the future its request awaits."""
+
+    text: str
+    task: str | None  # pinned task, or None to route
+    max_new_tokens: int
+    backbone_only: bool
+    future: asyncio.Future[ItemResult]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def live(self) -> bool:
+        """False once the request gave up (client gone) or the item was already answered."""
+        return not self.future.done()
+
+
+class ModelRunner:
+    """Runs callables on the single model thread and awaits them from the event loop."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pha-model")
+
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+BatchHandler = Callable[[list[WorkItem]], Awaitable[None]]
+
+
+class MicroBatcher:
+    def __init__(self, handler: BatchHandler, *, max_batch: int, max_wait_s: float) -> None:
+        self._handler = handler
+        self._max_batch = max_batch
+        self._max_wait_s = max_wait_s
+        self._queue: asyncio.Queue[WorkItem] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
+        self._running: set[asyncio.Task] = set()
+        self._loop_task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="pha-batcher")
+
+    def submit(self, item: WorkItem) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            raise ServiceError(503, "the server is shutting down; retry on another replica", reason="overload")
+        self._queue.put_nowait(item)
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def _run(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                batch = await self._collect()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.get_running_loop().create_task(self._process(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _collect(self) -> list[WorkItem]:
+        """The live items of the next batch (items whose request was cancelled meanwhile are dropped)."""
+        while True:
+            live = [item for item in await self._gather() if item.live]
+            if live:
+                return live
+
+    async def _gather(self) -> list[WorkItem]:
+        """The oldest waiting item, then more until max_batch or until the oldest has waited max_wait.
+
+        The wait counts from the oldest item's arrival (like Triton's max queue delay): under load the queue
+        filled while the previous batch ran, the oldest item is already late, and the batch leaves at once; an
+        idle server waits at most max_wait for a burst of concurrent requests to join the first one.
+        """
+        batch = [await self._queue.get()]
+        deadline = batch[0].enqueued + self._max_wait_s
+        while len(batch) < self._max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:  # not the builtin on Python 3.10
+                break
+        return batch
+
+    async def _process(self, batch: list[WorkItem]) -> None:
+        try:
+            await self._handler(batch)
+        except Exception as exc:  # the handler failed as a whole: no item may wait forever
+            log.exception("batch failed", extra={"batch_size": len(batch)})
+            _fail(batch, exc)
+        finally:
+            self._slots.release()
+
+    async def stop(self) -> None:
+        """Stop taking batches, let running ones finish, and answer queued items with 503."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._running:
+            await asyncio.wait(self._running, timeout=30)
+        leftover = []
+        while not self._queue.empty():
+            leftover.append(self._queue.get_nowait())
+        _fail(leftover, ServiceError(503, "the server is shutting down; retry", reason="overload"))
+
+
+def _fail(items: list[WorkItem], exc: BaseException) -> None:
+    for item in items:
+        if item.live:
+            item.future.set_exception(exc)

@@ -1,0 +1,105 @@
+"""The FastAPI app: `create_app()` (also the uvicorn factory) and `serve()` (what `pha serve` runs).
+
+    uvicorn service.main:create_app --factory --host 127.0.0.1 --port 8000
+    pha serve --host 127.0.0.1 --port 8000
+
+Settings come from PHA_* environment variables (service/settings.py); none is required.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import metadata
+
+from fastapi import FastAPI
+
+from .errors import install_error_handlers
+from .loader import LoadedModel, load_model
+from .logging import annotate, configure_logging
+from .metrics import Metrics
+from .middleware import BodyLimitMiddleware, RequestContextMiddleware, route_matcher
+from .routers import health, predict, prototypes
+from .settings import Settings
+from .state import build_state, close_state, describe_runtime, warm_up
+
+log = logging.getLogger("pha.main")
+
+DESCRIPTION = """\
+One frozen language model, many tasks. Each input is encoded, matched against the task prototypes (FAISS, cosine),
+and answered with decoder adapters that a hypernetwork generates from the matched prototype (cached in memory and
+Redis). Send `task` to pin a task instead. `GET /prototypes` lists the tasks and how to write their inputs."""
+
+
+def _version() -> str:
+    try:
+        return metadata.version("pha-serve")
+    except metadata.PackageNotFoundError:  # running from a source tree without `pip install`
+        return "0+unknown"
+
+
+def create_app(settings: Settings | None = None, loaded: LoadedModel | None = None) -> FastAPI:
+    """A new app with its own model state and metrics registry. `loaded` skips loading (serve() preloads)."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        model = loaded or await asyncio.to_thread(load_model, settings)
+        state = build_state(settings, model, metrics)
+        state.batcher.start()
+        app.state.pha = state
+        try:
+            await describe_runtime(state)
+            if settings.warmup:
+                await warm_up(state)
+            state.ready = True
+            log.info(
+                "serving",
+                extra={
+                    "model_version": model.engine.model_version,
+                    "source": model.source,
+                    "redis": state.cache.redis_state,
+                    "tasks": len(state.catalog),
+                },
+            )
+            yield
+        finally:
+            await close_state(state)
+
+    app = FastAPI(title="PHA Serve", version=_version(), description=DESCRIPTION, lifespan=lifespan)
+    app.state.metrics = metrics
+    for router in (predict.router, prototypes.router, health.router):
+        app.include_router(router)
+
+    def on_reject(reason: str) -> None:
+        metrics.rejected.labels(reason).inc()
+        annotate(rejected=reason)
+
+    install_error_handlers(app, on_reject)
+    # Added inner first: RequestContext ends up outermost, so even a 413 carries a request id and is timed.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_reject=on_reject)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, route_label=route_matcher(app))
+    return app
+
+
+def serve(host: str | None = None, port: int | None = None) -> int:
+    """Load the model (errors become the CLI's one-line message), then run uvicorn until stopped."""
+    import uvicorn
+
+    settings = Settings()
+    configure_logging(settings.log_level)
+    loaded = load_model(settings)
+    app = create_app(settings, loaded)
+    uvicorn.run(
+        app,
+        host=host or settings.host,
+        port=port or settings.port,
+        log_config=None,  # keep the JSON logging configured above
+        access_log=False,  # RequestContextMiddleware writes the access lines
+        timeout_graceful_shutdown=30,
+    )
+    return 0

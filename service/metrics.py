@@ -1,0 +1,66 @@
+"""Prometheus metrics of one app, in the app's own registry (two apps in one process never share counters).
+
+Every label has a fixed, small set of values: the number of tasks can grow at run time (adaptation), so no
+metric is labelled by task name; per-task traffic belongs in logs, not in time series.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Latency buckets from 1 ms (an L1 hit) to 30 s (a large batch on a slow CPU).
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_SCORES = (-0.5, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
+
+PHASES = ("queue", "encode_route", "adapter", "generate")
+CACHE_TIERS = ("l1", "redis", "regenerated")
+REJECT_REASONS = ("body_size", "invalid", "texts", "tokens", "max_new_tokens", "task", "low_score", "overload")
+
+
+class Metrics:
+    """All metrics of the service; `render()` is the /metrics body."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_seconds = Histogram(
+            "pha_request_duration_seconds", "HTTP request latency", ["route", "status"], buckets=_SECONDS, registry=r
+        )
+        self.phase_seconds = Histogram(
+            "pha_phase_duration_seconds",
+            "time per /predict phase: queue (waiting for a batch), encode_route (encoder + retrieval), "
+            "adapter (cache fetch or generation), generate (decoder)",
+            ["phase"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "pha_adapter_cache_lookups", "adapter-set lookups by the tier that answered", ["tier"], registry=r
+        )
+        self.redis_errors = Counter("pha_redis_errors", "Redis calls that failed (the cache regenerated)", registry=r)
+        self.redis_up = Gauge("pha_redis_up", "1 when the last Redis call succeeded, 0 when degraded", registry=r)
+        self.route_score = Histogram(
+            "pha_route_score", "cosine of the chosen prototype for routed inputs", buckets=_SCORES, registry=r
+        )
+        self.low_confidence = Counter("pha_low_confidence_routes", "routed inputs below min_route_score", registry=r)
+        self.batch_size = Histogram("pha_batch_size", "texts per model call", buckets=_BATCH, registry=r)
+        self.in_flight = Gauge("pha_requests_in_flight", "/predict requests being served", registry=r)
+        self.rejected = Counter("pha_requests_rejected", "requests refused, by reason", ["reason"], registry=r)
+        self.tasks = Gauge("pha_catalog_tasks", "tasks the router knows", registry=r)
+        self.catalog_version = Gauge("pha_catalog_version", "version of the task catalogue", registry=r)
+        self._init_labels()
+
+    def _init_labels(self) -> None:
+        """Create every labelled child at 0, so dashboards and rate() see the series before the first event."""
+        for phase in PHASES:
+            self.phase_seconds.labels(phase)
+        for tier in CACHE_TIERS:
+            self.cache_lookups.labels(tier)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,182 @@
+"""What one micro-batch goes through: encode + route, adapters per task, one generate call.
+
+Model calls go through the `ModelRunner` (the one model thread); cache lookups and bookkeeping stay on the event
+loop. Items of a batch are grouped only by what a single model call cannot mix (adapters on or off, the number of
+new tokens); tasks are never a reason to split: every example carries its own adapter set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import groupby
+from typing import TypeVar
+
+import numpy as np
+
+from pha_core.inference import AdapterSet, Engine
+
+from .batcher import ItemResult, ModelRunner, WorkItem
+from .cache import AdapterCache
+from .catalog import TaskCatalog, TaskEntry
+from .errors import ServiceError
+from .metrics import Metrics
+from .routing import PrototypeIndex, Route
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RoutePolicy:
+    """What happens below `min_score`: serve with `low_confidence: true` ("flag") or refuse with 422."""
+
+    min_score: float
+    action: str  # "flag" | "refuse"
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        catalog: TaskCatalog,
+        index: PrototypeIndex,
+        router: ThreadPoolExecutor,
+        cache: AdapterCache,
+        runner: ModelRunner,
+        metrics: Metrics,
+        policy: RoutePolicy,
+    ) -> None:
+        self.engine = engine
+        self.catalog = catalog
+        self.index = index
+        self.router = router  # the FAISS search thread (routing.search_thread)
+        self.cache = cache
+        self.runner = runner
+        self.metrics = metrics
+        self.policy = policy
+
+    async def __call__(self, batch: list[WorkItem]) -> None:
+        now = time.perf_counter()
+        for item in batch:
+            self.metrics.phase_seconds.labels("queue").observe(now - item.enqueued)
+        self.metrics.batch_size.observe(len(batch))
+
+        def key(item: WorkItem) -> tuple[bool, int]:
+            return item.backbone_only, item.max_new_tokens
+
+        for (plain, _), group in groupby(sorted(batch, key=key), key=key):
+            items = list(group)
+            try:
+                await (self._run_plain(items) if plain else self._run_pha(items))
+            except Exception as exc:  # one group's failure must not stall the others
+                for item in items:
+                    if item.live:
+                        item.future.set_exception(exc)
+
+    # ------------------------------------------------------------------------------------------- PHA
+    async def _run_pha(self, items: list[WorkItem]) -> None:
+        texts = [item.text for item in items]
+        to_route = [i for i, item in enumerate(items) if item.task is None]
+        start = time.perf_counter()
+        encoded = await self.runner(self.engine.encode, texts)
+        routes = await self.route(encoded.z[to_route]) if to_route else []
+        self.metrics.phase_seconds.labels("encode_route").observe(time.perf_counter() - start)
+
+        decisions = self._decide(items, dict(zip(to_route, routes, strict=True)))
+        adapters = await self._adapters([entry for entry, _ in decisions])
+        live = [i for i, item in enumerate(items) if item.live]
+        if not live:
+            return
+        sets = [adapters[entry.name] for entry, _ in decisions]
+        max_new = items[0].max_new_tokens
+        outputs, seconds = await self.runner(lambda: timed(lambda: self.engine.generate(encoded, sets, max_new)))
+        self.metrics.phase_seconds.labels("generate").observe(seconds)
+        for i in live:
+            _, template = decisions[i]
+            items[i].future.set_result(ItemResult(output=outputs[i], **template))
+
+    async def route(self, vectors: np.ndarray) -> list[Route]:
+        """Nearest prototypes of `vectors` [B, dim], searched on the routing thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.router, self.index.search, vectors)
+
+    def _decide(self, items: list[WorkItem], routes: dict[int, Route]) -> list[tuple[TaskEntry, dict]]:
+        """The task entry of every item, and its result fields. Refused items get their 422 here."""
+        decisions = []
+        for i, item in enumerate(items):
+            route = routes.get(i)
+            name = item.task if route is None else route.task
+            entry = self.catalog.get(name)
+            if entry is None:  # removed between validation (or search) and now
+                if item.live:
+                    item.future.set_exception(
+                        ServiceError(503, f"task {name!r} was just removed; retry", reason="task")
+                    )
+                entry = self.catalog.entries()[0]  # a stand-in row: generate needs one set per example
+                decisions.append((entry, {}))
+                continue
+            decisions.append((entry, self._fields(item, entry, route)))
+        return decisions
+
+    def _fields(self, item: WorkItem, entry: TaskEntry, route: Route | None) -> dict:
+        if route is None:  # pinned: retrieval skipped, so no score (documented in docs/serving.md)
+            return {"task": entry.name, "routed": False}
+        self.metrics.route_score.observe(route.score)
+        low = route.score < self.policy.min_score
+        if low:
+            self.metrics.low_confidence.inc()
+            if self.policy.action == "refuse" and item.live:
+                item.future.set_exception(_low_score_error(route, self.policy.min_score))
+        return {"task": entry.name, "routed": True, "score": route.score, "margin": route.margin, "low_confidence": low}
+
+    async def _adapters(self, entries: list[TaskEntry]) -> dict[str, AdapterSet]:
+        """One adapter set per distinct task: the task's own explicit adapters, else fetched concurrently from
+        L1, Redis, or the hypernetwork."""
+        start = time.perf_counter()
+        distinct = list({entry.name: entry for entry in entries}.values())
+        explicit = {e.name: e.adapters for e in distinct if e.adapters is not None}
+        generated = [e for e in distinct if e.adapters is None]
+        found = await asyncio.gather(*(self.cache.get_or_create(e, self.generate_adapters) for e in generated))
+        self.metrics.phase_seconds.labels("adapter").observe(time.perf_counter() - start)
+        return {**explicit, **{e.name: adapters for e, (adapters, _) in zip(generated, found, strict=True)}}
+
+    async def generate_adapters(self, entry: TaskEntry) -> AdapterSet:
+        return await self.runner(self.engine.adapters_for_prototype, entry.vector)
+
+    # ------------------------------------------------------------------------------------ baseline
+    async def _run_plain(self, items: list[WorkItem]) -> None:
+        """The backbone without adapters (benchmark baseline): same batching, no routing, no adapters."""
+        texts = [item.text for item in items]
+        max_new = items[0].max_new_tokens
+
+        def run() -> tuple[list[str], float, float]:
+            encoded, enc_s = timed(lambda: self.engine.encode(texts, adapters_on=False))
+            outputs, gen_s = timed(lambda: self.engine.generate_plain(encoded, max_new))
+            return outputs, enc_s, gen_s
+
+        outputs, enc_s, gen_s = await self.runner(run)
+        self.metrics.phase_seconds.labels("encode_route").observe(enc_s)
+        self.metrics.phase_seconds.labels("generate").observe(gen_s)
+        for item, output in zip(items, outputs, strict=True):
+            if item.live:
+                item.future.set_result(ItemResult(output=output, task=None, routed=False))
+
+
+def _low_score_error(route: Route, threshold: float) -> ServiceError:
+    return ServiceError(
+        422,
+        f"an input matched no task closely enough: its best task {route.task!r} scored {route.score:.3f}, below "
+        f'the server\'s minimum route score {threshold:.3f} (PHA_MIN_ROUTE_SCORE). Name the task with "task", '
+        "or write the input the way GET /prototypes shows the task's template.",
+        reason="low_score",
+    )

@@ -1,0 +1,173 @@
+"""Request and response bodies, with the examples /docs shows.
+
+Types are strict (a number is not a string, `true` is not a token count) and unknown fields are refused, so a
+misspelt option fails loudly instead of being ignored. Limits that depend on settings (number of texts, tokens,
+max_new_tokens) are checked by limits.py, whose messages name the setting.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic.json_schema import SkipJsonSchema
+
+RTE_INPUT = "sentence1: The cat sat on the mat. sentence2: A cat is sitting."
+
+
+def _check_text(text: str, where: str) -> str:
+    if not text.strip():
+        raise ValueError(f"{where} is empty or only whitespace; send the text to classify")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800") is valid JSON but not text
+        raise ValueError(f"{where} holds an unpaired surrogate at character {exc.start}; send valid Unicode") from None
+    return text
+
+
+def _json_type(value: object) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"inputs": RTE_INPUT},
+                {"inputs": ["sentence: a gripping, beautiful film", RTE_INPUT], "max_new_tokens": 8},
+                {"inputs": "premise: A man plays a guitar. hypothesis: A person makes music.", "task": "mnli"},
+            ]
+        },
+    )
+
+    inputs: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] = Field(
+        description="one text, or a list of texts, written the way the task's template says (GET /prototypes)"
+    )
+    task: StrictStr | None = Field(
+        None, description="pin a task (skips retrieval); without it the prototype retriever picks one per input"
+    )
+    max_new_tokens: StrictInt | None = Field(
+        None, description="tokens to generate per input (default: the model's target length, capped by the server)"
+    )
+    # Benchmark switch (PHA_ALLOW_BACKBONE_ONLY): the backbone without adapters. Hidden from the public schema.
+    backbone_only: SkipJsonSchema[StrictBool] = False
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs_type(cls, value: object) -> object:
+        """One clear message instead of pydantic's two (one per member of the union)."""
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError(f"inputs must be a string or a list of strings, not {_json_type(value)}")
+        if not value:
+            raise ValueError("inputs is an empty list; send at least one text")
+        for i, text in enumerate(value):
+            if not isinstance(text, str):
+                raise ValueError(f"inputs[{i}] must be a string, not {_json_type(text)}")
+        return value
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str):
+            return _check_text(value, "inputs")
+        for i, text in enumerate(value):
+            _check_text(text, f"inputs[{i}]")
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+
+class Prediction(BaseModel):
+    output: str = Field(description="the generated text (a label word for classification tasks)")
+    task: str | None = Field(description="the task whose adapters answered (null for backbone_only)")
+    routed: bool = Field(description="true when the retriever chose the task, false when the request pinned it")
+    score: float | None = Field(None, description="cosine of the input to the chosen prototype (null when pinned)")
+    margin: float | None = Field(None, description="score minus the runner-up's score (null when pinned or alone)")
+    low_confidence: bool = Field(False, description="routed with a score below the server's min_route_score")
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "predictions": [
+                        {
+                            "output": "entailment",
+                            "task": "rte",
+                            "routed": True,
+                            "score": 0.93,
+                            "margin": 0.41,
+                            "low_confidence": False,
+                        }
+                    ],
+                    "model": "3f2a9c0d1e7b",
+                }
+            ]
+        }
+    )
+
+    predictions: list[Prediction]
+    model: str = Field(description="model version (a hash of the checkpoint's tensors)")
+
+
+class PrototypeInfo(BaseModel):
+    name: str
+    source: Literal["trained", "adapted"]
+    template: str | None = Field(description="how to write inputs; placeholders are the HF `datasets` columns")
+    labels: list[str] | None = Field(description="label words of a classification task (null: free text/number)")
+    created: datetime
+    examples: int | None = Field(description="examples the prototype was learnt from, when known")
+    version: int = Field(description="catalogue version at which this prototype was set")
+    prototype_version: str = Field(description="digest of the prototype vector (part of the adapter cache key)")
+    vector: list[float] | None = Field(None, description="the prototype (only with include_vector=true)")
+    key: list[float] | None = Field(
+        None, description="the routing key, when it differs from the prototype (only with include_vector=true)"
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "rte",
+                    "source": "trained",
+                    "template": "sentence1: {sentence1} sentence2: {sentence2}",
+                    "labels": ["entailment", "not_entailment"],
+                    "created": "2026-11-28T05:31:16Z",
+                    "examples": 100,
+                    "version": 1,
+                    "prototype_version": "9b1e0c55d0a1f3e2",
+                }
+            ]
+        }
+    )
+
+
+class PrototypeList(BaseModel):
+    prototypes: list[PrototypeInfo]
+    version: int = Field(description="catalogue version (changes whenever a task is added, replaced or removed)")
+
+
+class Liveness(BaseModel):
+    status: Literal["alive"] = "alive"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    model: str | None
+    model_source: str | None = Field(description="checkpoint path, 'demo', or 'untrained-default'")
+    tasks: int = Field(description="prototypes in the routing index")
+    can_route: bool
+    redis: Literal["ok", "degraded", "disabled"]
+    redis_error: str | None = None
+    queued: int = Field(description="texts waiting for a batch")
+    in_flight: int = Field(description="/predict requests being served")
+    warmup_seconds: float | None = None
+    runtime: dict[str, object] = Field(default_factory=dict, description="torch version, threads, device")

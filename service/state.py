@@ -1,0 +1,148 @@
+"""Everything one running app holds, built in its lifespan and reached through `request.app.state.pha`.
+
+Nothing lives in module globals: two apps in one process (tests do this) share no model, cache or metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from pha_core import runtime
+from pha_core.inference import Engine
+
+from .batcher import MicroBatcher, ModelRunner
+from .cache import AdapterCache, RedisTier
+from .catalog import TaskCatalog, trained_entries
+from .limits import ConcurrencyLimiter, RequestLimits
+from .loader import LoadedModel
+from .metrics import Metrics
+from .pipeline import Pipeline, RoutePolicy
+from .predictor import Predictor
+from .routing import PrototypeIndex, search_thread
+from .schemas import PredictRequest
+from .settings import Settings
+
+log = logging.getLogger("pha.state")
+WARMUP_TEXT = "sentence: a warm-up request, answered once at start-up"
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    loaded: LoadedModel
+    metrics: Metrics
+    index: PrototypeIndex
+    catalog: TaskCatalog
+    cache: AdapterCache
+    runner: ModelRunner
+    batcher: MicroBatcher
+    pipeline: Pipeline
+    predictor: Predictor
+    limiter: ConcurrencyLimiter
+    warmup_seconds: float | None = None
+    runtime: dict[str, object] | None = None  # torch threads etc. as the model thread sees them
+    ready: bool = False
+
+    @property
+    def engine(self) -> Engine:
+        return self.loaded.engine
+
+
+def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> AppState:
+    """Wire the parts (must run inside the event loop: the batcher and cache bind to it)."""
+    engine = loaded.engine
+    index = PrototypeIndex(engine.config.proto_dim)
+    entries = trained_entries(engine.tasks, engine.trained_prototypes(), loaded.created, loaded.examples)
+    catalog = TaskCatalog(index, entries)
+    redis = None
+    if settings.redis_url:
+        redis = RedisTier(
+            settings.redis_url,
+            timeout=settings.redis_timeout_seconds,
+            ttl=settings.redis_ttl_seconds,
+            backoff=settings.redis_backoff_seconds,
+            metrics=metrics,
+        )
+    cache = AdapterCache(
+        model_version=engine.model_version,
+        n_layers=engine.model.n_decoder_layers,
+        l1_size=settings.l1_cache_size,
+        redis=redis,
+        metrics=metrics,
+    )
+    catalog.subscribe(cache.on_catalog_change)
+    catalog.subscribe(lambda old, new: _catalog_gauges(metrics, catalog))
+    _catalog_gauges(metrics, catalog)
+    runner = ModelRunner()
+    policy = RoutePolicy(settings.min_route_score, settings.low_score_action)
+    pipeline = Pipeline(
+        engine=engine,
+        catalog=catalog,
+        index=index,
+        router=search_thread(settings.faiss_threads),
+        cache=cache,
+        runner=runner,
+        metrics=metrics,
+        policy=policy,
+    )
+    batcher = MicroBatcher(pipeline, max_batch=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000)
+    limits = RequestLimits.from_settings(settings, engine.config.max_source_length, engine.config.max_target_length)
+    predictor = Predictor(engine=engine, catalog=catalog, batcher=batcher, limits=limits)
+    limiter = ConcurrencyLimiter(settings.max_concurrent_requests, settings.retry_after_seconds, metrics)
+    return AppState(
+        settings=settings,
+        loaded=loaded,
+        metrics=metrics,
+        index=index,
+        catalog=catalog,
+        cache=cache,
+        runner=runner,
+        batcher=batcher,
+        pipeline=pipeline,
+        predictor=predictor,
+        limiter=limiter,
+    )
+
+
+def _catalog_gauges(metrics: Metrics, catalog: TaskCatalog) -> None:
+    metrics.tasks.set(len(catalog))
+    metrics.catalog_version.set(catalog.version)
+
+
+async def warm_up(state: AppState) -> None:
+    """Generate (or fetch) every trained task's adapters, then answer one real request end to end.
+
+    The first user request then pays for neither adapter generation nor torch's first-call overheads.
+    """
+    start = time.perf_counter()
+    for entry in state.catalog.entries():  # trained tasks: adapters generated from their prototypes
+        await state.cache.get_or_create(entry, state.pipeline.generate_adapters)
+    # Pinned, so that a strict PHA_MIN_ROUTE_SCORE cannot refuse it; the router gets its own first call.
+    first = state.catalog.entries()[0]
+    await state.pipeline.route(first.routing_key.reshape(1, -1))
+    response = await state.predictor.predict(PredictRequest(inputs=WARMUP_TEXT, task=first.name, max_new_tokens=2))
+    state.warmup_seconds = time.perf_counter() - start
+    log.info(
+        "warm-up done",
+        extra={
+            "seconds": round(state.warmup_seconds, 3),
+            "redis": state.cache.redis_state,
+            "output": response.predictions[0].output,
+        },
+    )
+
+
+async def describe_runtime(state: AppState) -> None:
+    """Torch's settings as seen from the model thread (OpenMP thread counts are per thread)."""
+    info = await state.runner(runtime.describe)
+    state.runtime = {**info, "device": str(state.engine.model.device)}
+
+
+async def close_state(state: AppState) -> None:
+    state.ready = False
+    await state.batcher.stop()
+    state.runner.shutdown()
+    state.pipeline.router.shutdown(wait=True)
+    await state.cache.close()

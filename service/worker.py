@@ -1,0 +1,209 @@
+"""`pha worker`: runs /adapt jobs from the Redis stream and registers the new tasks.
+
+It loads the same checkpoint as the API (PHA_CHECKPOINT, else the demo), on PHA_DEVICE (`auto` takes the GPU
+when there is one). For each job: adapt (pha_core.adapt), score held-out examples if given, register in the
+registry (durable), publish a notice so every API replica reloads, then acknowledge. See jobs.py for the
+delivery guarantees; registration is idempotent by job id, so a job delivered twice registers once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from pha_core.adapt import AdaptedTensors, adapt_task, score_adapted
+from pha_core.tasks import Example
+
+from .jobs import Delivery, JobQueue
+from .loader import LoadedModel, load_model
+from .logging import configure_logging
+from .registry import RegisteredTask, Registry, RegistryError
+from .settings import Settings
+
+log = logging.getLogger("pha.worker")
+REGISTRY_CHANNEL = "pha:registry"
+PROGRESS_EVERY_S = 1.0  # how often a running job writes its progress and re-claims its stream entry
+
+
+class PermanentJobError(ValueError):
+    """A job that can never succeed (bad request, name conflict): fail it now, do not retry."""
+
+
+@dataclass
+class Worker:
+    settings: Settings
+    loaded: LoadedModel
+    queue: JobQueue
+    registry: Registry
+    client: redis.Redis
+    name: str
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self, once: bool = False) -> None:
+        self.queue.ensure_group()
+        log.info("worker ready", extra={"worker": self.name, "stream": self.queue.stream})
+        while not self.stop.is_set():
+            delivery = self.queue.claim(block_ms=1000)
+            if delivery is None:
+                continue
+            self.handle(delivery)
+            if once:
+                return
+
+    def handle(self, d: Delivery) -> None:
+        extra = {"job_id": d.job_id, "task": d.payload.get("task"), "attempt": d.attempts}
+        if d.attempts > self.queue.max_attempts:
+            previous = (self.queue.get(d.job_id) or {}).get("error", "the worker died or timed out")
+            self._fail(d, f"gave up after {self.queue.max_attempts} attempts; last error: {previous}")
+            return
+        self.queue.update(d.job_id, state="running", started=time.time(), worker=self.name)
+        log.info("job started", extra=extra)
+        try:
+            result = self.execute(d)
+        except PermanentJobError as exc:
+            self._fail(d, str(exc))
+        except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job, then retried or failed
+            log.exception("job attempt failed", extra=extra)
+            if d.attempts >= self.queue.max_attempts:
+                self._fail(d, f"{type(exc).__name__}: {exc}")
+            else:  # stays pending: reclaimed by a worker after PHA_JOB_IDLE_MS
+                self.queue.update(d.job_id, state="queued", error=f"{type(exc).__name__}: {exc}")
+        else:
+            self.queue.update(d.job_id, state="succeeded", finished=time.time(), progress=1.0, result=result)
+            self.queue.ack(d)
+            log.info("job succeeded", extra={**extra, "seconds": result["seconds"]})
+
+    def _fail(self, d: Delivery, error: str) -> None:
+        self.queue.update(d.job_id, state="failed", finished=time.time(), error=error)
+        self.queue.ack(d)
+        log.warning("job failed", extra={"job_id": d.job_id, "error": error})
+
+    def execute(self, d: Delivery) -> dict:
+        p = d.payload
+        engine = self.loaded.engine
+        examples = [Example(e["input"], e["target"], p["task"]) for e in p["examples"]]
+        try:
+            snapshot = self.registry.snapshot()
+        except RegistryError as exc:
+            raise RuntimeError(str(exc)) from exc
+        if p["task"] in snapshot.tasks and not p.get("replace"):
+            existing = snapshot.tasks[p["task"]]
+            if existing.job_id != d.job_id:
+                raise PermanentJobError(f"task {p['task']!r} already exists; send replace=true to overwrite it")
+        other_keys = self._other_keys(snapshot, exclude=p["task"])
+        last = [0.0]
+
+        def progress(step: int, loss: float) -> None:
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_EVERY_S or step == p["steps"]:
+                last[0] = now
+                self.queue.update(d.job_id, progress=step / p["steps"], loss=loss)
+                self.queue.touch(d)
+
+        started = time.perf_counter()
+        result = adapt_task(
+            engine.model,
+            examples,
+            engine.trained_prototypes(),
+            engine.tasks,
+            mode=p["mode"],
+            steps=p["steps"],
+            seed=p["seed"],
+            progress=progress,
+            other_keys=other_keys,
+        )
+        heldout = None
+        if p.get("heldout"):
+            held = [Example(e["input"], e["target"], p["task"]) for e in p["heldout"]]
+            heldout = score_adapted(engine.model, result, held, engine.trained_prototypes())
+        entry = RegisteredTask(
+            name=p["task"],
+            file="",
+            sha256="",
+            mode=p["mode"],
+            source_task=result.source_task,
+            source_score=result.source_score,
+            k=result.k,
+            steps=result.steps,
+            final_loss=result.final_loss,
+            job_id=d.job_id,
+            model_version=engine.model_version,
+            labels=sorted({e.target for e in examples}),
+            heldout=heldout,
+        )
+        try:
+            registered, created = self.registry.register(
+                entry, AdaptedTensors.of(result).to_bytes(), replace=bool(p.get("replace"))
+            )
+        except ValueError as exc:
+            raise PermanentJobError(str(exc)) from exc
+        version = self.registry.version()
+        self.client.publish(REGISTRY_CHANNEL, str(version))
+        return {
+            "source_task": result.source_task,
+            "source_score": result.source_score,
+            "final_loss": result.final_loss,
+            "k": result.k,
+            "steps": result.steps,
+            "mode": result.mode,
+            "seconds": time.perf_counter() - started,
+            "adapt_seconds": result.seconds,
+            "heldout": heldout,
+            "registry_version": version,
+            "registered": created,
+            "created": registered.created,
+        }
+
+    def _other_keys(self, snapshot, exclude: str):
+        import numpy as np
+
+        keys = []
+        for name, task in snapshot.tasks.items():
+            if name == exclude or task.model_version != self.loaded.engine.model_version:
+                continue
+            try:
+                keys.append(
+                    AdaptedTensors.from_bytes(
+                        self.registry.read_tensors(task), self.loaded.engine.model.n_decoder_layers
+                    ).key
+                )
+            except (RegistryError, ValueError) as exc:
+                log.warning("skipping unreadable registry entry", extra={"task": name, "error": str(exc)})
+        return np.stack(keys) if keys else None
+
+
+def worker_name(settings: Settings) -> str:
+    return settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def build_worker(settings: Settings) -> Worker:
+    if not settings.redis_url:
+        raise SystemExit("pha worker: PHA_REDIS_URL is not set; the worker reads its jobs from a Redis stream")
+    client = redis.Redis.from_url(settings.redis_url)
+    name = worker_name(settings)
+    queue = JobQueue(
+        client,
+        settings.job_stream,
+        settings.job_group,
+        consumer=name,
+        idle_ms=settings.job_idle_ms,
+        max_attempts=settings.job_max_attempts,
+    )
+    return Worker(settings, load_model(settings), queue, Registry(settings.registry_dir), client, name)
+
+
+def run_worker(once: bool = False) -> int:
+    settings = Settings()
+    configure_logging(settings.log_level)
+    worker = build_worker(settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop.set())  # finish the job in hand, then exit
+    worker.run(once=once)
+    return 0

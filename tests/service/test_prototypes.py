@@ -1,0 +1,47 @@
+"""GET /prototypes and GET /prototypes/{name}."""
+
+from __future__ import annotations
+
+import pytest
+from service_helpers import running_app
+
+from pha_core.tasks import TASKS
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoint):
+    with running_app(tiny_checkpoint) as client:
+        yield client
+
+
+def test_lists_trained_tasks_with_templates_and_labels(client):
+    body = client.get("/prototypes").json()
+    assert body["version"] == 1
+    by_name = {p["name"]: p for p in body["prototypes"]}
+    assert list(by_name) == ["sst2", "rte", "mnli"]  # the checkpoint's task order
+    for name, p in by_name.items():
+        assert p["source"] == "trained"
+        assert p["template"] == TASKS[name].template
+        assert p["labels"] == list(TASKS[name].labels)
+        assert p["version"] == 1 and p["created"] and len(p["prototype_version"]) == 16
+        assert p["vector"] is None
+
+
+def test_one_prototype_optionally_with_its_vector(client):
+    plain = client.get("/prototypes/rte").json()
+    assert plain["name"] == "rte" and plain["vector"] is None
+    full = client.get("/prototypes/rte", params={"include_vector": "true"}).json()
+    assert len(full["vector"]) == 16
+    expected = client.app.state.pha.engine.trained_prototypes()[1]
+    assert full["vector"] == pytest.approx(expected.tolist())
+
+
+def test_unknown_prototype_is_404_listing_known(client):
+    response = client.get("/prototypes/nope")
+    assert response.status_code == 404
+    assert "mnli, rte, sst2" in response.json()["detail"]
+
+
+def test_bad_include_vector_is_422(client):
+    response = client.get("/prototypes/rte", params={"include_vector": "maybe"})
+    assert response.status_code == 422 and "include_vector" in response.json()["detail"]

@@ -1,0 +1,153 @@
+"""FAISS prototype routing and the task catalogue hook, alone and through the HTTP app."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from service_helpers import running_app
+
+from service.catalog import TaskCatalog, TaskEntry
+from service.routing import PrototypeIndex
+
+DIM = 8
+
+
+def unit(i: int, dim: int = DIM) -> np.ndarray:
+    v = np.zeros(dim, dtype=np.float32)
+    v[i] = 1.0
+    return v
+
+
+def test_search_returns_best_task_score_and_margin():
+    index = PrototypeIndex(DIM)
+    index.replace_all({"a": unit(0), "b": unit(1), "c": unit(0) + unit(1)})
+    query = np.stack([unit(0) * 5, unit(1) + 0.1 * unit(0)])  # scale must not matter (cosine)
+    first, second = index.search(query)
+    assert first.task == "a" and first.score == pytest.approx(1.0)
+    assert first.margin == pytest.approx(1.0 - np.sqrt(0.5), abs=1e-5)
+    assert second.task == "b" and 0 < second.margin < 0.5
+
+
+def test_single_prototype_has_no_margin_and_empty_index_refuses():
+    index = PrototypeIndex(DIM)
+    with pytest.raises(LookupError):
+        index.search(unit(0))
+    index.upsert("only", unit(3))
+    (route,) = index.search(unit(3))
+    assert route.task == "only" and route.margin is None
+
+
+def test_ids_are_stable_across_upserts_and_removals():
+    index = PrototypeIndex(DIM)
+    index.replace_all({"a": unit(0), "b": unit(1)})
+    ids = {"a": index.id_of("a"), "b": index.id_of("b")}
+    index.upsert("c", unit(2))
+    assert index.remove("a") is True and index.remove("a") is False
+    index.upsert("b", unit(4))  # a new prototype for b keeps b's id
+    index.upsert("a", unit(0))  # a returns with its old id; c's id is new
+    assert index.id_of("b") == ids["b"] and index.id_of("a") == ids["a"]
+    assert index.id_of("c") not in ids.values()
+    assert len(index) == 3 and index.search(unit(4))[0].task == "b"
+
+
+def test_invalid_prototypes_change_nothing():
+    index = PrototypeIndex(DIM)
+    index.upsert("a", unit(0))
+    for bad in (np.ones(DIM + 1), np.zeros(DIM), np.full(DIM, np.nan)):
+        with pytest.raises(ValueError):
+            index.upsert("b", bad)
+    assert len(index) == 1 and "b" not in index
+
+
+def test_concurrent_searches_during_updates():
+    index = PrototypeIndex(DIM)
+    index.replace_all({f"t{i}": unit(i) for i in range(4)})
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def searcher() -> None:
+        queries = np.eye(DIM, dtype=np.float32)[:4]
+        while not stop.is_set():
+            try:
+                routes = index.search(queries)
+                assert all(r.task.startswith("t") for r in routes)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(300):
+        index.upsert(f"t{4 + i % 4}", unit(4 + i % 4) + 0.01 * i)
+        index.remove(f"t{4 + (i + 2) % 4}")
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_catalog_upsert_is_idempotent_and_protects_trained_tasks():
+    index = PrototypeIndex(DIM)
+    trained = TaskEntry(name="rte", source="trained", vector=unit(0))
+    catalog = TaskCatalog(index, [trained])
+    changes = []
+    catalog.subscribe(lambda old, new: changes.append((old and old.name, new and new.name)))
+    first = catalog.upsert("new", unit(1), examples=8)
+    again = catalog.upsert("new", unit(1), examples=8)
+    assert again is first and catalog.version == 2 and changes == [(None, "new")]
+    second = catalog.upsert("new", unit(2))
+    assert second.version == 3 and second.created == first.created
+    assert second.prototype_version != first.prototype_version
+    with pytest.raises(ValueError, match="trained"):
+        catalog.upsert("rte", unit(3))
+    with pytest.raises(ValueError, match="trained"):
+        catalog.remove("rte")
+    assert catalog.remove("new").name == "new" and catalog.remove("new") is None
+    assert index.search(unit(2))[0].task == "rte" and catalog.version == 4
+
+
+def test_adapted_task_routes_over_http(tiny_checkpoint):
+    """A task added through the catalogue hook is searched, served, listed, and gone after removal."""
+    text = "premise: A dog runs in a park. hypothesis: An animal is outside."
+    with running_app(tiny_checkpoint) as client:
+        state = client.app.state.pha
+        z = state.engine.encode([text]).z[0]  # the retriever's vector of this very text
+        state.catalog.upsert("dogs", z, template="premise: {premise} hypothesis: {hypothesis}", examples=4)
+        (p,) = client.post("/predict", json={"inputs": text}).json()["predictions"]
+        assert p["task"] == "dogs" and p["routed"] is True and p["score"] == pytest.approx(1.0, abs=1e-4)
+        listed = {t["name"]: t for t in client.get("/prototypes").json()["prototypes"]}
+        assert listed["dogs"]["source"] == "adapted" and listed["dogs"]["examples"] == 4
+        assert client.get("/readyz").json()["tasks"] == 4
+
+        state.catalog.remove("dogs")
+        (p,) = client.post("/predict", json={"inputs": text}).json()["predictions"]
+        assert p["task"] != "dogs"
+        assert client.get("/prototypes/dogs").status_code == 404
+
+
+def test_adapted_task_with_its_own_routing_key_and_adapters(tiny_checkpoint):
+    """The hook takes what adaptation produces: a routing key apart from the prototype, or explicit adapters."""
+    text = "sentence1: A dog runs in a park. sentence2: An animal is outside."
+    with running_app(tiny_checkpoint) as client:
+        state = client.app.state.pha
+        engine = state.engine
+        rte, mnli = engine.trained_prototypes()[1], engine.trained_prototypes()[2]
+
+        def answer(**body):
+            return client.post("/predict", json={"inputs": text, **body}).json()["predictions"][0]
+
+        # Routed by its key (this very text's z) although its prototype points the other way.
+        z = engine.encode([text]).z[0]
+        state.catalog.upsert("keyed", -z, key=z)
+        routed = answer()
+        assert routed["task"] == "keyed" and routed["score"] == pytest.approx(1.0, abs=1e-4)
+        assert routed["output"] == answer(task="keyed")["output"]
+        vectors = client.get("/prototypes/keyed", params={"include_vector": "true"}).json()
+        assert vectors["vector"] == pytest.approx((-z).tolist()) and vectors["key"] == pytest.approx(z.tolist())
+
+        # Explicit adapters are served as given (here mnli's), whatever the prototype says.
+        state.catalog.upsert("explicit", rte, adapters=engine.adapters_for_prototype(mnli))
+        assert answer(task="explicit")["output"] == answer(task="mnli")["output"]
