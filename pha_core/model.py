@@ -179,24 +179,35 @@ class PHAModel(nn.Module):
         adapters: list[AdapterWeights] | None,
         max_new_tokens: int,
     ) -> list[list[int]]:
-        """Greedy decoding with a KV cache; one adapter set per example. Returns token ids without EOS."""
+        """Greedy decoding with a KV cache; one adapter set per example. Returns token ids without EOS.
+
+        Rows that have emitted EOS leave the batch (their cache, encoder states and adapters are dropped), so
+        a mixed-task batch whose label words differ in length costs what its tokens cost, not the longest
+        row's length times the batch: the LM head over the vocabulary dominates a decoder step.
+        """
         bb = self.backbone
-        batch = encoder_hidden.size(0)
-        current = torch.full((batch, 1), bb.decoder_start_token_id, dtype=torch.long, device=self.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        steps: list[torch.Tensor] = []
+        rows = list(range(encoder_hidden.size(0)))  # original index of each row still decoding
+        outputs: list[list[int]] = [[] for _ in rows]
+        current = torch.full((len(rows), 1), bb.decoder_start_token_id, dtype=torch.long, device=self.device)
         cache = None
-        with self.decoder_context.use(adapters):
-            for _ in range(max_new_tokens):
+        for _ in range(max_new_tokens):
+            with self.decoder_context.use(adapters):
                 logits, cache = bb.decode(current, encoder_hidden, attention_mask, cache=cache, use_cache=True)
-                token = logits[:, -1].argmax(dim=-1).masked_fill(done, bb.eos_token_id)
-                steps.append(token)
-                done |= token == bb.eos_token_id
-                if bool(done.all()):
-                    break
-                current = token.unsqueeze(1)
-        rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(batch)]
-        return [row[: row.index(bb.eos_token_id)] if bb.eos_token_id in row else row for row in rows]
+            token = logits[:, -1].argmax(dim=-1)
+            finished = token == bb.eos_token_id
+            for row, value, end in zip(rows, token.tolist(), finished.tolist(), strict=True):
+                if not end:
+                    outputs[row].append(value)
+            if bool(finished.all()):
+                break
+            if bool(finished.any()):
+                keep = (~finished).nonzero().squeeze(1)
+                rows = [rows[i] for i in keep.tolist()]
+                token, encoder_hidden, attention_mask = token[keep], encoder_hidden[keep], attention_mask[keep]
+                adapters = None if adapters is None else [w.index_select(keep) for w in adapters]
+                cache.batch_select_indices(keep)
+            current = token.unsqueeze(1)
+        return outputs
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
 from .errors import ServiceError
 from .metrics import Metrics
@@ -34,6 +35,32 @@ async def predict_slot(state: Annotated[AppState, Depends(get_state)]) -> AsyncI
         state.limiter.release()
 
 
+def require_api_key(
+    state: Annotated[AppState, Depends(get_state)],
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> None:
+    """Mutations need `Authorization: Bearer <PHA_API_KEY>`; with no key configured they are refused, unless
+    PHA_DEV_MODE is on. The key is compared in constant time and never logged."""
+    configured = state.settings.api_key.get_secret_value()
+    if not configured:
+        if state.settings.dev_mode:
+            return
+        raise ServiceError(
+            403,
+            "run-time changes are disabled: set PHA_API_KEY on the server (or PHA_DEV_MODE=true for development)",
+            reason="auth",
+        )
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), configured.encode()):
+        raise ServiceError(
+            401,
+            "missing or wrong API key: send the header Authorization: Bearer <key>",
+            reason="auth",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
 StateDep = Annotated[AppState, Depends(get_state)]
+ApiKey = Annotated[None, Depends(require_api_key)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 PredictSlot = Annotated[None, Depends(predict_slot)]

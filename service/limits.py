@@ -15,7 +15,7 @@ from .settings import Settings
 @dataclass(frozen=True)
 class RequestLimits:
     max_texts: int
-    max_input_tokens: int  # the smaller of PHA_MAX_INPUT_TOKENS and what the model reads
+    max_input_tokens: int  # PHA_MAX_INPUT_TOKENS, capped by what the model reads unless PHA_TRUNCATE_INPUTS
     model_max_tokens: int
     max_new_tokens: int
     default_new_tokens: int
@@ -25,7 +25,9 @@ class RequestLimits:
     def from_settings(cls, settings: Settings, model_source_length: int, model_target_length: int) -> RequestLimits:
         return cls(
             max_texts=settings.max_texts,
-            max_input_tokens=min(settings.max_input_tokens, model_source_length),
+            max_input_tokens=settings.max_input_tokens
+            if settings.truncate_inputs
+            else min(settings.max_input_tokens, model_source_length),
             model_max_tokens=model_source_length,
             max_new_tokens=settings.max_new_tokens,
             default_new_tokens=min(model_target_length, settings.max_new_tokens),
@@ -61,7 +63,8 @@ class RequestLimits:
         raise ServiceError(
             422,
             f"input too long: {where} tokens; the limit is {self.max_input_tokens} tokens per input "
-            f"(PHA_MAX_INPUT_TOKENS, capped by the {self.model_max_tokens} tokens the model reads): shorten it",
+            f"(PHA_MAX_INPUT_TOKENS, capped by the {self.model_max_tokens} tokens the model reads unless "
+            "PHA_TRUNCATE_INPUTS=true): shorten it",
             reason="tokens",
         )
 

@@ -21,7 +21,7 @@ from .loader import LoadedModel, load_model
 from .logging import annotate, configure_logging
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestContextMiddleware, route_matcher
-from .routers import health, predict, prototypes
+from .routers import adapt, health, predict, prototypes
 from .settings import Settings
 from .state import build_state, close_state, describe_runtime, warm_up
 
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         state.batcher.start()
         app.state.pha = state
         try:
+            await state.start_registry()
             await describe_runtime(state)
             if settings.warmup:
                 await warm_up(state)
@@ -72,7 +73,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
 
     app = FastAPI(title="PHA Serve", version=_version(), description=DESCRIPTION, lifespan=lifespan)
     app.state.metrics = metrics
-    for router in (predict.router, prototypes.router, health.router):
+    for router in (predict.router, prototypes.router, adapt.router, health.router):
         app.include_router(router)
 
     def on_reject(reason: str) -> None:

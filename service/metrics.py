@@ -15,7 +15,19 @@ _BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
 
 PHASES = ("queue", "encode_route", "adapter", "generate")
 CACHE_TIERS = ("l1", "redis", "regenerated")
-REJECT_REASONS = ("body_size", "invalid", "texts", "tokens", "max_new_tokens", "task", "low_score", "overload")
+REJECT_REASONS = (
+    "body_size",
+    "invalid",
+    "texts",
+    "tokens",
+    "max_new_tokens",
+    "task",
+    "low_score",
+    "overload",
+    "auth",
+    "conflict",
+    "unavailable",
+)
 
 
 class Metrics:
@@ -51,6 +63,8 @@ class Metrics:
         self.rejected = Counter("pha_requests_rejected", "requests refused, by reason", ["reason"], registry=r)
         self.tasks = Gauge("pha_catalog_tasks", "tasks the router knows", registry=r)
         self.catalog_version = Gauge("pha_catalog_version", "version of the task catalogue", registry=r)
+        self.registry_version = Gauge("pha_registry_version", "registry version this replica serves", registry=r)
+        self.registry_errors = Counter("pha_registry_errors", "registry reads that failed (last good kept)", registry=r)
         self._init_labels()
 
     def _init_labels(self) -> None:

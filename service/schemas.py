@@ -171,3 +171,85 @@ class Readiness(BaseModel):
     in_flight: int = Field(description="/predict requests being served")
     warmup_seconds: float | None = None
     runtime: dict[str, object] = Field(default_factory=dict, description="torch version, threads, device")
+    registry_version: int | None = Field(None, description="registry version of the adapted tasks served")
+    registry_error: str | None = Field(None, description="why the latest registry version is not served")
+
+
+# ------------------------------------------------------------------------------------------ adaptation
+CB_INPUT = "premise: It was a complex language. hypothesis: The language was peculiar."
+
+
+class AdaptExample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: StrictStr = Field(description="the input text, written like the task's other inputs")
+    target: StrictStr = Field(description="the answer text the model should generate")
+
+    @field_validator("input", "target")
+    @classmethod
+    def _text(cls, value: str, info) -> str:
+        return _check_text(value, info.field_name)
+
+
+class AdaptRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "task": "cb",
+                    "examples": [
+                        {"input": CB_INPUT, "target": "entailment"},
+                        {
+                            "input": "premise: He left early. hypothesis: He stayed all night.",
+                            "target": "contradiction",
+                        },
+                    ],
+                    "mode": "prototype",
+                    "steps": 200,
+                }
+            ]
+        },
+    )
+    task: StrictStr = Field(description="name of the new task: a-z, 0-9, '.', '_', '-' (1-64 characters)")
+    examples: list[AdaptExample] = Field(min_length=1, description="the k examples (1..PHA_MAX_ADAPT_EXAMPLES)")
+    mode: Literal["prototype", "adapter"] = Field(
+        "prototype",
+        description="prototype: train only the new task's prototype (128 floats; other tasks can never change); "
+        "adapter: train a per-task copy of the generated adapters (can learn new label words)",
+    )
+    steps: StrictInt = Field(200, ge=1, description="optimisation steps (<= PHA_MAX_ADAPT_STEPS)")
+    seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
+    replace: StrictBool = Field(False, description="overwrite an adapted task of the same name")
+    heldout: list[AdaptExample] | None = Field(None, description="optional examples to score the result with")
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    state: Literal["queued"]
+    task: str
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    state: Literal["queued", "running", "succeeded", "failed"]
+    task: str
+    mode: str | None = None
+    k: int | None = None
+    steps: int | None = None
+    attempts: int = 0
+    progress: float = Field(0.0, description="share of the steps done")
+    loss: float | None = Field(None, description="latest cross-entropy on the k examples")
+    created: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    worker: str | None = None
+    error: str | None = None
+    result: dict | None = Field(
+        None, description="source task and score, final loss, held-out metrics, timings, registry version"
+    )
+
+
+class Deleted(BaseModel):
+    name: str
+    deleted: Literal[True] = True
+    registry_version: int

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="request body limit (413 above)")
     max_texts: int = Field(64, ge=1, description="texts per /predict request")
     max_input_tokens: int = Field(512, ge=8, description="tokens per input text (422 above)")
+    truncate_inputs: bool = Field(
+        False,
+        description="inputs longer than the model reads (128 tokens by default) are cut to it, as in "
+        "training; off: refused with 422 (never silently cut)",
+    )
     max_new_tokens: int = Field(32, ge=1, le=512, description="upper bound of a request's max_new_tokens")
     max_concurrent_requests: int = Field(64, ge=1, description="in-flight /predict requests (429 above)")
     retry_after_seconds: int = Field(1, ge=1, description="Retry-After sent with 429")
@@ -82,6 +87,9 @@ class Settings(BaseSettings):
     job_idle_ms: int = Field(60_000, ge=1000, description="a job unacknowledged this long is reclaimed")
     max_adapt_examples: int = Field(64, ge=1, description="k limit of /adapt")
     max_adapt_steps: int = Field(1000, ge=1, description="steps limit of /adapt")
+    registry_poll_seconds: float = Field(
+        2.0, gt=0, description="how often a replica re-reads the registry (besides Redis notices)"
+    )
 
     log_level: str = Field("INFO", description="log level (JSON logs)")
 

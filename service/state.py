@@ -5,21 +5,28 @@ Nothing lives in module globals: two apps in one process (tests do this) share n
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 
+import redis
+
 from pha_core import runtime
 from pha_core.inference import Engine
 
+from .adaptation import REGISTRY_CHANNEL, RegistrySync, follow_registry
 from .batcher import MicroBatcher, ModelRunner
 from .cache import AdapterCache, RedisTier
 from .catalog import TaskCatalog, trained_entries
+from .jobs import JobQueue
 from .limits import ConcurrencyLimiter, RequestLimits
 from .loader import LoadedModel
 from .metrics import Metrics
 from .pipeline import Pipeline, RoutePolicy
 from .predictor import Predictor
+from .registry import Registry
 from .routing import PrototypeIndex, search_thread
 from .schemas import PredictRequest
 from .settings import Settings
@@ -41,9 +48,29 @@ class AppState:
     pipeline: Pipeline
     predictor: Predictor
     limiter: ConcurrencyLimiter
+    registry: Registry
+    sync: RegistrySync
+    jobs: JobQueue | None
     warmup_seconds: float | None = None
     runtime: dict[str, object] | None = None  # torch threads etc. as the model thread sees them
     ready: bool = False
+    follower: asyncio.Task | None = None
+
+    async def notify_registry(self, version: int) -> None:
+        """Tell the other replicas the registry moved (they also poll, so a lost notice only delays them)."""
+        if self.jobs is None:
+            return
+        try:
+            await asyncio.to_thread(self.jobs.r.publish, REGISTRY_CHANNEL, str(version))
+        except redis.RedisError as exc:
+            log.warning("registry notice not sent", extra={"error": str(exc)})
+
+    async def start_registry(self) -> None:
+        """Catch up with the registry (a restarted replica serves every adapted task), then follow it."""
+        await asyncio.to_thread(self.sync.apply)
+        self.follower = asyncio.create_task(
+            follow_registry(self.sync, self.settings.redis_url, self.settings.registry_poll_seconds)
+        )
 
     @property
     def engine(self) -> Engine:
@@ -56,9 +83,9 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
     index = PrototypeIndex(engine.config.proto_dim)
     entries = trained_entries(engine.tasks, engine.trained_prototypes(), loaded.created, loaded.examples)
     catalog = TaskCatalog(index, entries)
-    redis = None
+    redis_tier = None
     if settings.redis_url:
-        redis = RedisTier(
+        redis_tier = RedisTier(
             settings.redis_url,
             timeout=settings.redis_timeout_seconds,
             ttl=settings.redis_ttl_seconds,
@@ -69,7 +96,7 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
         model_version=engine.model_version,
         n_layers=engine.model.n_decoder_layers,
         l1_size=settings.l1_cache_size,
-        redis=redis,
+        redis=redis_tier,
         metrics=metrics,
     )
     catalog.subscribe(cache.on_catalog_change)
@@ -91,7 +118,23 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
     limits = RequestLimits.from_settings(settings, engine.config.max_source_length, engine.config.max_target_length)
     predictor = Predictor(engine=engine, catalog=catalog, batcher=batcher, limits=limits)
     limiter = ConcurrencyLimiter(settings.max_concurrent_requests, settings.retry_after_seconds, metrics)
+    registry = Registry(settings.registry_dir)
+    sync = RegistrySync(registry, catalog, engine.model_version, engine.model.n_decoder_layers, metrics)
+    jobs = None
+    if settings.redis_url:
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
+        jobs = JobQueue(
+            client,
+            settings.job_stream,
+            settings.job_group,
+            consumer="api",
+            idle_ms=settings.job_idle_ms,
+            max_attempts=settings.job_max_attempts,
+        )
     return AppState(
+        registry=registry,
+        sync=sync,
+        jobs=jobs,
         settings=settings,
         loaded=loaded,
         metrics=metrics,
@@ -142,6 +185,12 @@ async def describe_runtime(state: AppState) -> None:
 
 async def close_state(state: AppState) -> None:
     state.ready = False
+    if state.follower is not None:
+        state.follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await state.follower
+    if state.jobs is not None:
+        state.jobs.r.close()
     await state.batcher.stop()
     state.runner.shutdown()
     state.pipeline.router.shutdown(wait=True)

@@ -49,6 +49,8 @@ async def readyz(request: Request) -> JSONResponse:
         in_flight=state.limiter.active,
         warmup_seconds=state.warmup_seconds,
         runtime=state.runtime or {},
+        registry_version=state.sync.version,
+        registry_error=state.sync.error,
     )
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
 

@@ -1,0 +1,219 @@
+"""Adaptation end to end: the HTTP API, a real Redis stream, real `pha worker` processes, the registry.
+
+- CB, never trained, adapted from 16 real examples on the demo model: the job succeeds, /predict without a task
+  routes CB inputs to the new prototype and answers with CB labels, and a restarted API still serves it.
+- A worker SIGKILLed mid-job: a second worker reclaims and finishes the job, which is registered exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from pha_core.data import load_splits, low_data
+from service.main import create_app
+from service.settings import Settings
+
+pytestmark = [pytest.mark.redis]
+KEY = "test-key-" + uuid.uuid4().hex[:8]
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CB_LABELS = {"entailment", "contradiction", "neutral"}
+
+
+@pytest.fixture
+def env(tmp_path, redis_url):
+    """Settings shared by API and workers: a private stream, group and registry per test."""
+    tag = uuid.uuid4().hex[:8]
+    return {
+        "PHA_REDIS_URL": redis_url,
+        "PHA_REGISTRY_DIR": str(tmp_path / "registry"),
+        "PHA_JOB_STREAM": f"pha:test:{tag}",
+        "PHA_JOB_GROUP": f"workers-{tag}",
+        "PHA_API_KEY": KEY,
+        "PHA_LOG_LEVEL": "WARNING",
+        "PHA_REGISTRY_POLL_SECONDS": "0.5",
+        "PHA_TRUNCATE_INPUTS": "true",  # CB premises run past the 128 tokens the model reads
+    }
+
+
+@contextmanager
+def api(env: dict[str, str], **extra: str):
+    values = {k.removeprefix("PHA_").lower(): v for k, v in {**env, **extra}.items()}
+    with TestClient(create_app(Settings(**values))) as client:
+        yield client
+
+
+@contextmanager
+def worker(env: dict[str, str], **extra: str):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pha_core.cli", "worker"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env, **extra},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.stderr.close()
+
+
+def wait_job(
+    client: TestClient,
+    job_id: str,
+    until: tuple[str, ...] = ("succeeded", "failed"),
+    timeout: float = 180,
+    check=lambda job: False,
+) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["state"] in until or check(job):
+            return job
+        assert time.monotonic() < deadline, f"job stuck: {job}"
+        time.sleep(0.2)
+
+
+def wait_for(predicate, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.1)
+
+
+@pytest.mark.pretrained
+@pytest.mark.data
+def test_adapt_cb_then_route_to_it_across_an_api_restart(env, data_dir):
+    cb = load_splits(["cb"], data_dir)["cb"]
+    shots = [{"input": e.input, "target": e.target} for e in low_data(cb["train"], n=16, seed=0)]
+    held = [e for e in cb["test"] + cb["validation"] if len(e.input) < 400][:12]
+    with worker(env), api(env) as client:
+        refused = client.post("/adapt", json={"task": "cb", "examples": shots})
+        assert refused.status_code == 401
+        r = client.post("/adapt", json={"task": "cb", "examples": shots, "steps": 120}, headers=AUTH)
+        assert r.status_code == 202, r.text
+        job = wait_job(client, r.json()["job_id"])
+        assert job["state"] == "succeeded", job
+        assert job["result"]["source_task"] == "mnli" and job["attempts"] == 1
+        wait_for(lambda: client.get("/prototypes/cb").status_code == 200)
+        preds = client.post("/predict", json={"inputs": [e.input for e in held]}).json()["predictions"]
+        routed = [p for p in preds if p["task"] == "cb"]
+        assert len(routed) >= 0.75 * len(held), [p["task"] for p in preds]
+        assert all(p["routed"] and p["output"] in CB_LABELS for p in routed), routed
+        listed = {p["name"]: p for p in client.get("/prototypes").json()["prototypes"]}
+        assert listed["cb"]["source"] == "adapted" and listed["cb"]["examples"] == 16
+    with api(env) as restarted:  # a fresh replica catches up from the registry
+        assert restarted.get("/prototypes/cb").json()["source"] == "adapted"
+        pinned = restarted.post("/predict", json={"inputs": held[0].input, "task": "cb"}).json()
+        assert pinned["predictions"][0]["output"] in CB_LABELS
+
+
+def test_worker_killed_mid_job_is_finished_by_another_and_registered_once(env, tiny_checkpoint):
+    env = {**env, "PHA_CHECKPOINT": str(tiny_checkpoint), "PHA_JOB_IDLE_MS": "1500"}
+    shots = [
+        {"input": f"premise: case {i}. hypothesis: claim {i}.", "target": t}
+        for i, t in enumerate(["entailment", "neutral", "contradiction", "entailment"])
+    ]
+    with api(env) as client:
+        with worker(env, PHA_WORKER_NAME="doomed") as first:
+            r = client.post("/adapt", json={"task": "newtask", "examples": shots, "steps": 1000}, headers=AUTH)
+            job_id = r.json()["job_id"]
+            running = wait_job(client, job_id, check=lambda j: j["state"] == "running" and j["progress"] > 0)
+            assert running["state"] == "running" and running["worker"] == "doomed"
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+        with worker(env, PHA_WORKER_NAME="rescuer"):
+            job = wait_job(client, job_id)
+        assert job["state"] == "succeeded", job
+        assert job["worker"] == "rescuer" and job["attempts"] == 2
+        manifest = json.loads((Path(env["PHA_REGISTRY_DIR"]) / "manifest.json").read_text())
+        assert manifest["version"] == 1 and list(manifest["tasks"]) == ["newtask"]
+        assert manifest["tasks"]["newtask"]["job_id"] == job_id
+        wait_for(lambda: client.get("/prototypes/newtask").status_code == 200)
+
+
+def test_bad_adapt_requests_queue_nothing(env, tiny_checkpoint, redis_url):
+    import redis
+
+    env = {**env, "PHA_CHECKPOINT": str(tiny_checkpoint)}
+    ok = [{"input": "premise: a. hypothesis: b.", "target": "entailment"}]
+    bad = [
+        ({"task": "cb", "examples": []}, 422),
+        ({"task": "../etc", "examples": ok}, 422),
+        ({"task": "a/b", "examples": ok}, 422),
+        ({"task": "bad\nname", "examples": ok}, 422),
+        ({"task": "cb", "examples": ok * 2}, 422),  # duplicated example
+        ({"task": "cb", "examples": [{"input": "  ", "target": "x"}]}, 422),
+        ({"task": "cb", "examples": [{"input": "x", "target": "caf\u00e9 \u2603"}]}, 422),  # not representable
+        ({"task": "cb", "examples": ok, "steps": 10**6}, 422),
+        ({"task": "cb", "examples": ok * 0 + [{"input": f"t {i}", "target": "y"} for i in range(65)]}, 422),
+        ({"task": "cb", "examples": ok, "mode": "magic"}, 422),
+        ({"task": "sst2", "examples": ok}, 409),  # a trained task
+    ]
+    with api(env) as client:
+        for body, code in bad:
+            r = client.post("/adapt", json=body, headers=AUTH)
+            assert r.status_code == code, (body, r.text)
+            assert r.json()["detail"]
+        assert client.get("/jobs/" + "0" * 32).status_code == 404
+        assert client.get("/jobs/not-a-job").status_code == 404
+        assert client.delete("/prototypes/sst2", headers=AUTH).status_code == 409
+        assert client.delete("/prototypes/nothing", headers=AUTH).status_code == 404
+        assert client.delete("/prototypes/nothing").status_code == 401
+        assert client.delete("/prototypes/nothing", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    r = redis.Redis.from_url(redis_url)
+    assert r.exists(env["PHA_JOB_STREAM"]) == 0 or r.xlen(env["PHA_JOB_STREAM"]) == 0
+    assert not (Path(env["PHA_REGISTRY_DIR"]) / "manifest.json").exists()
+
+
+def test_mutations_are_refused_without_a_configured_key(env, tiny_checkpoint):
+    env = {**env, "PHA_CHECKPOINT": str(tiny_checkpoint), "PHA_API_KEY": ""}
+    ok = [{"input": "premise: a. hypothesis: b.", "target": "entailment"}]
+    with api(env) as client:
+        r = client.post("/adapt", json={"task": "cb", "examples": ok}, headers=AUTH)
+        assert r.status_code == 403 and "PHA_API_KEY" in r.json()["detail"]
+    with api(env, PHA_DEV_MODE="true") as client:
+        assert client.post("/adapt", json={"task": "cb", "examples": ok}).status_code == 202
+
+
+def test_delete_removes_an_adapted_task_everywhere(env, tiny_checkpoint):
+    env = {**env, "PHA_CHECKPOINT": str(tiny_checkpoint)}
+    shots = [
+        {"input": "premise: a. hypothesis: b.", "target": "entailment"},
+        {"input": "premise: c. hypothesis: d.", "target": "neutral"},
+    ]
+    with worker(env), api(env) as one, api(env) as two:
+        job_id = one.post("/adapt", json={"task": "temp", "examples": shots, "steps": 5}, headers=AUTH).json()["job_id"]
+        assert wait_job(one, job_id)["state"] == "succeeded"
+        wait_for(lambda: two.get("/prototypes/temp").status_code == 200)
+        conflict = one.post("/adapt", json={"task": "temp", "examples": shots}, headers=AUTH)
+        assert conflict.status_code == 409 and "replace" in conflict.json()["detail"]
+        assert one.delete("/prototypes/temp", headers=AUTH).status_code == 200
+        wait_for(lambda: two.get("/prototypes/temp").status_code == 404)  # the other replica follows
+
+
+def test_a_job_that_keeps_failing_ends_failed_with_its_error(env, tiny_checkpoint, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("the registry cannot live here")
+    env = {**env, "PHA_CHECKPOINT": str(tiny_checkpoint), "PHA_JOB_IDLE_MS": "1000", "PHA_JOB_MAX_ATTEMPTS": "2"}
+    shots = [{"input": "premise: a. hypothesis: b.", "target": "entailment"}]
+    with api(env) as client, worker({**env, "PHA_REGISTRY_DIR": str(blocker)}):
+        job_id = client.post("/adapt", json={"task": "doomed", "examples": shots, "steps": 3}, headers=AUTH)
+        job = wait_job(client, job_id.json()["job_id"], timeout=60)
+    assert job["state"] == "failed" and job["attempts"] == 2
+    assert "Error" in job["error"] and "not-a-folder" in job["error"]
