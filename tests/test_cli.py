@@ -147,3 +147,49 @@ def test_report_draws_both_pictures(tmp_path, tiny_yaml, data_dir):
     assert main(["report", str(out), "--output", str(img), "--max-eval", "6", "--data-dir", str(data_dir)]) == 0
     for name in ("prototype_heatmap.png", "retrieval_projection.png"):
         assert (img / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.data
+def test_training_runs_under_torchrun_ddp(tmp_path, tiny_yaml, data_dir):
+    """Two CPU processes (gloo): each rank draws its own batches, gradients are averaged, rank 0 saves."""
+    import os
+    import subprocess
+    import sys
+
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "pha_core.cli",
+        "train",
+        "--config",
+        str(tiny_yaml),
+        "--tasks",
+        "sst2",
+        "rte",
+        "--data-dir",
+        str(data_dir),
+        "--output",
+        str(out),
+        "--no-eval",
+        "--device",
+        "cpu",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("hypernetwork H") == 1  # only rank 0 reports
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["recipe"]["steps_done"] == 3
