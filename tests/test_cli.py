@@ -153,10 +153,9 @@ def test_report_draws_both_pictures(tmp_path, tiny_yaml, data_dir):
 def test_training_runs_under_torchrun_ddp(tmp_path, tiny_yaml, data_dir):
     """Two CPU processes (gloo): each rank draws its own batches, gradients are averaged, rank 0 saves."""
     import os
+    import socket
     import subprocess
     import sys
-
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
