@@ -37,7 +37,7 @@ def free_port() -> int:
 
 
 def start(stack: ExitStack, cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    handle = stack.enter_context(open(log, "w"))
+    handle = stack.enter_context(log.open("w"))
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT)
     stack.callback(lambda: (proc.terminate(), proc.wait(timeout=30)))
     return proc
