@@ -19,7 +19,7 @@ from pha_core.adapt import AdaptedTensors
 
 from .catalog import TaskCatalog
 from .metrics import Metrics
-from .registry import Registry, RegistryError
+from .registry import RegisteredTask, Registry, RegistryError
 
 log = logging.getLogger("pha.adaptation")
 REGISTRY_CHANNEL = "pha:registry"
@@ -42,6 +42,7 @@ class RegistrySync:
         try:
             snap = self.registry.snapshot()
             if snap.version == self.version:
+                self.error = None  # a manifest repaired to the version served: nothing is wrong any more
                 return self.version
             wanted = {n: t for n, t in snap.tasks.items() if t.model_version == self.model_version}
             for name, task in snap.tasks.items():
@@ -50,11 +51,13 @@ class RegistrySync:
                         "registry task was adapted on another model; not served",
                         extra={"task": name, "task_model": task.model_version},
                     )
+            # Every file is read and checked before the catalogue changes: a bad version changes nothing.
+            loaded = {name: self._read(task) for name, task in wanted.items()}
             for entry in self.catalog.entries():
                 if entry.source == "adapted" and entry.name not in wanted:
                     self.catalog.remove(entry.name)
             for name, task in wanted.items():
-                tensors = AdaptedTensors.from_bytes(self.registry.read_tensors(task), self.n_layers)
+                tensors = loaded[name]
                 self.catalog.upsert(
                     name,
                     tensors.prototype,
@@ -63,14 +66,22 @@ class RegistrySync:
                     labels=task.labels,
                     examples=task.k,
                 )
-        except (RegistryError, ValueError) as exc:
-            self.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - RegistryError, bad tensors, anything: an escape would end the follower
+            self.error = str(exc) if isinstance(exc, RegistryError) else f"{type(exc).__name__}: {exc}"
             self.metrics.registry_errors.inc()
             log.error("registry not applied; serving the last good version", extra={"error": str(exc)})
             return self.version
         self.version, self.error = snap.version, None
         self.metrics.registry_version.set(snap.version)
         return self.version
+
+    def _read(self, task: RegisteredTask) -> AdaptedTensors:
+        data = self.registry.read_tensors(task)  # checks the sha256; its error names the file
+        try:
+            return AdaptedTensors.from_bytes(data, self.n_layers)
+        except ValueError as exc:
+            path = self.registry.root / "tasks" / task.file
+            raise RegistryError(f"registry file {path} of task {task.name!r} is not readable: {exc}") from exc
 
 
 async def follow_registry(sync: RegistrySync, redis_url: str, poll_seconds: float) -> None:

@@ -12,6 +12,8 @@ Job records hold progress and results for `GET /jobs/{id}`; they expire `record_
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,7 +21,9 @@ from typing import Any
 
 import redis
 
+log = logging.getLogger("pha.jobs")
 JOB_KEY = "pha:job:{}"
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as enqueue() makes them
 TERMINAL = ("succeeded", "failed")
 
 
@@ -106,10 +110,24 @@ class JobQueue:
             if not fields:  # the entry was trimmed away: nothing to run
                 self.r.xack(self.stream, self.group, entry_id)
                 continue
-            job_id = fields[b"job_id"].decode()
+            try:  # JSON only: nothing read from Redis is unpickled or evaluated
+                job_id = fields[b"job_id"].decode()
+                payload = json.loads(fields[b"payload"])
+                if not JOB_ID.fullmatch(job_id) or not isinstance(payload, dict):
+                    raise ValueError("not a job written by the API")
+            except (KeyError, ValueError) as exc:  # a poison entry would otherwise end every worker that takes it
+                self._discard(entry_id, fields, exc)
+                continue
             attempts = self.r.hincrby(JOB_KEY.format(job_id), "attempts", 1)
-            return Delivery(entry_id.decode(), job_id, json.loads(fields[b"payload"]), attempts)
+            return Delivery(entry_id.decode(), job_id, payload, attempts)
         return None
+
+    def _discard(self, entry_id: bytes, fields: dict, exc: Exception) -> None:
+        job_id = fields.get(b"job_id", b"").decode("utf-8", "replace")
+        if JOB_ID.fullmatch(job_id) and self.r.exists(JOB_KEY.format(job_id)):
+            self.update(job_id, state="failed", finished=time.time(), error=f"unreadable job entry: {exc}")
+        self.r.xack(self.stream, self.group, entry_id)
+        log.warning("unreadable job entry discarded", extra={"entry": entry_id.decode(), "error": str(exc)})
 
     def touch(self, delivery: Delivery) -> None:
         """Reset the entry's idle time: this worker is alive and still on it."""

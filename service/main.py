@@ -22,6 +22,7 @@ from .logging import annotate, configure_logging
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestContextMiddleware, route_matcher
 from .routers import adapt, health, predict, prototypes
+from .schemas import ErrorBody
 from .settings import Settings
 from .state import build_state, close_state, describe_runtime, warm_up
 
@@ -81,10 +82,45 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         annotate(rejected=reason)
 
     install_error_handlers(app, on_reject)
+    _document_error_bodies(app)
     # Added inner first: RequestContext ends up outermost, so even a 413 carries a request id and is timed.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_reject=on_reject)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, route_label=route_matcher(app))
     return app
+
+
+def _document_error_bodies(app: FastAPI) -> None:
+    """Every error answer is an `ErrorBody` (errors.py). FastAPI documents its own 422 shape (a list under
+    `detail`) and nothing for the other error codes, nor the answers of BodyLimitMiddleware, which applies to every
+    request with a body; the generated OpenAPI is corrected once, when built."""
+    build = app.openapi
+    ref = "#/components/schemas/ErrorBody"
+    body_errors = {
+        "400": "the body is not UTF-8, or its Content-Length is malformed",
+        "413": "the body is larger than PHA_MAX_BODY_BYTES",
+    }
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = build()
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        error_schema = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(error_schema.pop("$defs", {}))
+        schemas["ErrorBody"] = error_schema
+        for operation in (op for ops in spec["paths"].values() for op in ops.values()):
+            if "requestBody" in operation:
+                for code, description in body_errors.items():
+                    operation["responses"].setdefault(code, {"description": description})
+            for code, response in operation.get("responses", {}).items():
+                schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+                if code[0] in "45" and (not schema or schema.get("$ref", "").endswith("/HTTPValidationError")):
+                    response["content"] = {"application/json": {"schema": {"$ref": ref}}}
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        return spec
+
+    app.openapi = openapi
 
 
 def serve(host: str | None = None, port: int | None = None) -> int:

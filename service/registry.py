@@ -84,7 +84,7 @@ class Registry:
             data = json.loads(path.read_text())
             tasks = {name: RegisteredTask(**entry) for name, entry in data["tasks"].items()}
             return Snapshot(int(data["version"]), tasks)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: wrong shape
             raise RegistryError(f"registry manifest {path} is unreadable or corrupt: {exc}") from exc
 
     def version(self) -> int:

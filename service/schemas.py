@@ -31,6 +31,20 @@ def _json_type(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description='where the bad value is, e.g. ["body", "inputs", 1]')
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """The body of every answer other than 2xx (errors.py); validation errors (422) add `errors`."""
+
+    detail: str = Field(description="what is wrong and what to change")
+    request_id: str | None = Field(description="the request id (X-Request-ID), also on the server's log lines")
+    errors: list[FieldError] | None = Field(None, description="each invalid field (422 only; inputs not echoed)")
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",

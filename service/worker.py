@@ -30,6 +30,7 @@ from .settings import Settings
 log = logging.getLogger("pha.worker")
 REGISTRY_CHANNEL = "pha:registry"
 PROGRESS_EVERY_S = 1.0  # how often a running job writes its progress and re-claims its stream entry
+REDIS_RETRY_S = 1.0  # while Redis is unreachable, how often the worker tries again
 
 
 class PermanentJobError(ValueError):
@@ -47,13 +48,25 @@ class Worker:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self, once: bool = False) -> None:
-        self.queue.ensure_group()
-        log.info("worker ready", extra={"worker": self.name, "stream": self.queue.stream})
+        """Take jobs until stopped. A Redis outage is waited out: the job in hand stays pending in the stream and
+        is reclaimed once Redis is back (its attempt counts), so a Redis restart never ends the worker."""
+        connected, failing = False, False
         while not self.stop.is_set():
-            delivery = self.queue.claim(block_ms=1000)
-            if delivery is None:
+            try:
+                if not connected:
+                    self.queue.ensure_group()  # again after an outage: a Redis without persistence lost the group
+                    connected, failing = True, False
+                    log.info("worker ready", extra={"worker": self.name, "stream": self.queue.stream})
+                delivery = self.queue.claim(block_ms=1000)
+                if delivery is None:
+                    continue
+                self.handle(delivery)
+            except redis.RedisError as exc:
+                if not failing:  # log the outage once, not every retry
+                    log.warning("redis unavailable; retrying every second", extra={"error": str(exc)})
+                connected, failing = False, True
+                self.stop.wait(REDIS_RETRY_S)
                 continue
-            self.handle(delivery)
             if once:
                 return
 

@@ -50,6 +50,20 @@ def _enqueue(state: AppState, payload: dict) -> str:
         ) from exc
 
 
+def _job_record(state: AppState, job_id: str) -> dict | None:
+    import redis
+
+    try:
+        return state.jobs.get(job_id)
+    except redis.RedisError as exc:
+        raise ServiceError(
+            503,
+            f"job records are in Redis, which is unavailable: {exc}; retry later",
+            reason="unavailable",
+            headers={"Retry-After": "5"},
+        ) from exc
+
+
 def _validate(body: AdaptRequest, state: AppState) -> None:
     s = state.settings
     try:
@@ -101,12 +115,12 @@ def _validate(body: AdaptRequest, state: AppState) -> None:
         )
 
 
-@router.get("/jobs/{job_id}", response_model=JobStatus, responses={404: {}})
+@router.get("/jobs/{job_id}", response_model=JobStatus, responses={404: {}, 503: {}})
 async def get_job(job_id: str, state: StateDep) -> JobStatus:
     """State, progress, source prototype and score, final loss, held-out metrics, timings or error of a job."""
     record = None
     if state.jobs is not None and JOB_ID.match(job_id):
-        record = await asyncio.to_thread(state.jobs.get, job_id)
+        record = await asyncio.to_thread(_job_record, state, job_id)
     if record is None:
         raise ServiceError(
             404,

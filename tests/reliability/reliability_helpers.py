@@ -1,0 +1,100 @@
+"""Helpers of the reliability tests (imported by module name, like tests/service/service_helpers.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from service.registry import RegisteredTask, Registry
+
+KEY = "reliability-" + uuid.uuid4().hex  # the API key of these tests; never to be seen in a log
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def needs_redis_server() -> None:
+    """Skip (with the reason) where the redis-server binary is missing: these tests start private servers."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server binary not installed")
+
+
+def scale(name: str, default: int) -> int:
+    """A bound of a test (rounds, seconds...): `default` in CI, raised by bench/soak.py through PHA_SOAK_<NAME>."""
+    return int(os.environ.get(f"PHA_SOAK_{name.upper()}", default))
+
+
+def shots(tag: str, k: int = 4) -> list[dict[str, str]]:
+    labels = ["entailment", "neutral", "contradiction"]
+    texts = [f"premise: {tag} case {i}. hypothesis: {tag} claim {i}." for i in range(k)]
+    return [{"input": text, "target": labels[i % 3]} for i, text in enumerate(texts)]
+
+
+def adapt_body(task: str, steps: int, k: int = 4) -> dict:
+    return {"task": task, "examples": shots(task, k), "steps": steps}
+
+
+def register_task(registry_dir: Path, name: str, model_version: str, seed: int = 0, dim: int = 16) -> RegisteredTask:
+    """An adapted task written straight into the registry, as a worker would (a random prototype)."""
+    from pha_core.adapt import AdaptedTensors
+
+    rng = np.random.default_rng(seed)
+    vector = rng.standard_normal(dim).astype(np.float32)
+    tensors = AdaptedTensors(vector, vector.copy(), None).to_bytes()
+    entry = RegisteredTask(
+        name=name,
+        file="",
+        sha256="",
+        mode="prototype",
+        source_task="sst2",
+        source_score=0.5,
+        k=4,
+        steps=5,
+        final_loss=0.1,
+        job_id=uuid.uuid4().hex,
+        model_version=model_version,
+    )
+    registered, _ = Registry(registry_dir).register(entry, tensors)
+    return registered
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (the registry as it is on disk), by relative path."""
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def manifest(registry_dir: Path) -> dict:
+    return json.loads((registry_dir / "manifest.json").read_text())
+
+
+def stream_state(client: redis.Redis, stream: str, group: str) -> dict[str, int]:
+    """Entries in the job stream, delivered but not acknowledged (pending), and not yet delivered (lag)."""
+    if not client.exists(stream):
+        return {"length": 0, "pending": 0, "lag": 0}
+    groups = {g["name"].decode(): g for g in client.xinfo_groups(stream)}
+    info = groups.get(group)
+    return {
+        "length": client.xlen(stream),
+        "pending": int(info["pending"]) if info else 0,
+        "lag": int(info.get("lag") or 0) if info else client.xlen(stream),
+    }
+
+
+def wait_for(predicate, timeout: float = 20, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
+        time.sleep(0.05)
