@@ -43,6 +43,7 @@ def env(tmp_path, redis_url):
         "PHA_LOG_LEVEL": "WARNING",
         "PHA_REGISTRY_POLL_SECONDS": "0.5",
         "PHA_TRUNCATE_INPUTS": "true",  # CB premises run past the 128 tokens the model reads
+        "PHA_TORCH_THREADS": "1",  # API and worker share 2 cores: oversubscribed torch threads slow both badly
     }
 
 
