@@ -35,33 +35,28 @@ async def adapt(body: AdaptRequest, state: StateDep, _: ApiKey) -> JobAccepted:
     return JobAccepted(job_id=job_id, state="queued", task=body.task)
 
 
-def _enqueue(state: AppState, payload: dict) -> str:
+def _with_redis(what: str, call, *args):
+    """Run a job-queue call; Redis being down is a 503 the client can retry, never a 500."""
     import redis
 
     try:
-        state.jobs.ensure_group()
-        return state.jobs.enqueue(payload)
+        return call(*args)
     except redis.RedisError as exc:
         raise ServiceError(
             503,
-            f"the job queue (Redis) is unavailable: {exc}; retry later",
+            f"{what} (Redis) is unavailable: {exc}; retry later",
             reason="unavailable",
             headers={"Retry-After": "5"},
         ) from exc
+
+
+def _enqueue(state: AppState, payload: dict) -> str:
+    _with_redis("the job queue", state.jobs.ensure_group)
+    return _with_redis("the job queue", state.jobs.enqueue, payload)
 
 
 def _job_record(state: AppState, job_id: str) -> dict | None:
-    import redis
-
-    try:
-        return state.jobs.get(job_id)
-    except redis.RedisError as exc:
-        raise ServiceError(
-            503,
-            f"job records are in Redis, which is unavailable: {exc}; retry later",
-            reason="unavailable",
-            headers={"Retry-After": "5"},
-        ) from exc
+    return _with_redis("the job store", state.jobs.get, job_id)
 
 
 def _validate(body: AdaptRequest, state: AppState) -> None:
