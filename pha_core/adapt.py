@@ -32,6 +32,7 @@ from .batching import collate
 from .inference import AdapterSet
 from .losses import prototype_contrastive_loss, token_cross_entropy
 from .model import PHAModel
+from .scoring import AnswerSpace, rank
 from .tasks import Example
 
 MODES = ("prototype", "adapter", "scratch")
@@ -219,11 +220,20 @@ def score_adapted(
     heldout: Sequence[Example],
     prototypes: np.ndarray,
     batch_size: int = 64,
+    space: AnswerSpace | None = None,
 ) -> dict[str, float]:
     """Held-out quality of an adapted task: its metrics (exact match for tasks not in the catalogue) and the
-    share of held-out inputs that retrieval routes to the new prototype rather than to a known one."""
+    share of held-out inputs that retrieval routes to the new prototype rather than to a known one.
+
+    Answers are ranked within `space` (default: the known task's labels, as the server answers; scoring.py),
+    or generated greedily when there is none.
+    """
     from .metrics import task_metrics
     from .tasks import TASKS
+
+    task = heldout[0].task
+    if space is None and task in TASKS:
+        space = AnswerSpace.of_task(task)
 
     adapters = adapted_adapters(model, result)
     table = torch.cat(
@@ -238,10 +248,12 @@ def score_adapted(
             AdapterWeights(*(t.to(model.device).expand(len(chunk), *t.shape[1:]) for t in w.tensors()))
             for w in adapters.layers
         ]
-        ids = model.greedy_decode(hidden, batch.attention_mask, layers, model.config.max_target_length)
-        outputs += [model.backbone.decode_text(row) for row in ids]
+        if space is not None:
+            outputs += [s.output for s in rank(model, hidden, batch.attention_mask, layers, [space] * len(chunk))]
+        else:
+            ids = model.greedy_decode(hidden, batch.attention_mask, layers, model.config.max_target_length)
+            outputs += [model.backbone.decode_text(row) for row in ids]
     targets = [e.target for e in heldout]
-    task = heldout[0].task
     if task in TASKS:
         metrics = task_metrics(task, outputs, targets)
     else:

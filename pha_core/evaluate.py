@@ -13,17 +13,39 @@ import torch
 
 from .metrics import score, task_metrics
 from .model import PHAModel
+from .scoring import AnswerSpace, rank
 from .tasks import Example
+
+DECODINGS = ("rank", "greedy")
 
 
 @torch.inference_mode()
 def predict_examples(
-    model: PHAModel, examples: Sequence[Example], batch_size: int = 64, max_new_tokens: int | None = None
+    model: PHAModel,
+    examples: Sequence[Example],
+    batch_size: int = 64,
+    max_new_tokens: int | None = None,
+    decoding: str = "rank",
 ) -> dict[str, list]:
-    """Outputs with the gold task ("given"), with the retrieved task ("retrieved"), and the retrieved names."""
+    """Outputs with the gold task ("given"), with the retrieved task ("retrieved"), and the retrieved names.
+
+    decoding "rank" (the default) answers within each task's answer space (scoring.py: label words, STS-B's
+    bins), so every output is valid for the task that answers it; "greedy" writes freely. A row routed to
+    another task answers within that task's space, as the server does.
+    """
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
     model.eval()
     bb, cfg = model.backbone, model.config
     new_tokens = max_new_tokens or cfg.max_target_length
+    ids_of: dict = {}
+
+    def answers(hidden, mask, adapters, tasks: list[str]) -> list[str]:
+        spaces = [AnswerSpace.of_task(t) for t in tasks]
+        if decoding == "greedy" or any(s is None for s in spaces):
+            return [bb.decode_text(row) for row in model.greedy_decode(hidden, mask, adapters, new_tokens)]
+        return [s.output for s in rank(model, hidden, mask, adapters, spaces, ids_of)]
+
     given, retrieved, routes = [], [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -32,16 +54,15 @@ def predict_examples(
         gold = model.task_ids([e.task for e in chunk])
         hidden = model.encode(ids, mask, gold)
         z = model.instance_vectors(hidden, mask) if model.retriever is not None else None
-        out = model.greedy_decode(hidden, mask, model.decoder_adapters(gold, z), new_tokens)
-        given += [bb.decode_text(row) for row in out]
+        given += answers(hidden, mask, model.decoder_adapters(gold, z), [e.task for e in chunk])
         if cfg.routes_by_prototype:
             picked = model.retrieve(z, top_k=1).indices[:, 0]
-            routes += [model.tasks[i] for i in picked.tolist()]
+            names = [model.tasks[i] for i in picked.tolist()]
+            routes += names
             if torch.equal(picked, gold):
                 retrieved += given[-len(chunk) :]
             else:
-                out = model.greedy_decode(hidden, mask, model.decoder_adapters(picked, z), new_tokens)
-                retrieved += [bb.decode_text(row) for row in out]
+                retrieved += answers(hidden, mask, model.decoder_adapters(picked, z), names)
     return {"given": given, "retrieved": retrieved, "routes": routes}
 
 
@@ -50,13 +71,14 @@ def evaluate(
     splits: dict[str, Sequence[Example]],
     batch_size: int = 64,
     max_new_tokens: int | None = None,
+    decoding: str = "rank",
 ) -> dict:
     """Metrics per task (given / retrieved), averages (one figure per task) and routing accuracy."""
     results: dict[str, dict] = {}
     for task, examples in splits.items():
         if not examples:
             raise ValueError(f"no {task} examples to evaluate")
-        out = predict_examples(model, examples, batch_size, max_new_tokens)
+        out = predict_examples(model, examples, batch_size, max_new_tokens, decoding)
         targets = [e.target for e in examples]
         entry: dict = {"n": len(examples), "given": task_metrics(task, out["given"], targets)}
         entry["given"]["score"] = score(task, entry["given"])

@@ -20,6 +20,10 @@ from safetensors.torch import save as st_save
 
 from .adapters import AdapterWeights
 from .model import PHAModel
+from .scoring import AnswerSpace, Scored, candidate_ids, rank
+
+# Answer spaces whose token ids are kept (a few label words each); beyond it the cache starts again.
+MAX_CACHED_SPACES = 100_000
 
 
 class AdapterSet:
@@ -77,6 +81,8 @@ class Engine:
         # Torch modules are safe to call from several threads in eval mode, but the tokenizer is not always:
         # guard the one shared Rust tokenizer.
         self._tokenizer_lock = threading.Lock()
+        # Token ids of every answer space seen (label words of the trained and adapted tasks): a few per task.
+        self._ids_of: dict[AnswerSpace, list[list[int]]] = {}
 
     # -------------------------------------------------------------------------------- metadata
     @property
@@ -125,16 +131,15 @@ class Engine:
         cond = torch.as_tensor(np.asarray(prototype, dtype=np.float32), device=self.model.device).view(1, -1)
         return AdapterSet([w for w in self.model.adapters_from_condition(cond)])
 
-    @torch.inference_mode()
-    def generate(self, encoded: Encoded, adapter_sets: list[AdapterSet], max_new_tokens: int) -> list[str]:
-        """Greedy outputs, one adapter set per example (the same object may repeat: it is gathered once)."""
+    def _gather(self, encoded: Encoded, adapter_sets: list[AdapterSet]) -> list[AdapterWeights]:
+        """Per-example adapter weights of a batch (the same set object may repeat: it is gathered once)."""
         if len(adapter_sets) != len(encoded):
             raise ValueError(f"{len(encoded)} inputs but {len(adapter_sets)} adapter sets")
         unique: dict[int, int] = {}
         order = [unique.setdefault(id(s), len(unique)) for s in adapter_sets]
         distinct = list({id(s): s for s in adapter_sets}.values())
         rows = torch.tensor(order, device=self.model.device)
-        layers = [
+        return [
             AdapterWeights(
                 *(
                     torch.cat(parts).to(self.model.device)
@@ -143,8 +148,50 @@ class Engine:
             ).index_select(rows)
             for m in range(self.model.n_decoder_layers)
         ]
-        ids = self.model.greedy_decode(encoded.hidden, encoded.mask, layers, max_new_tokens)
+
+    @torch.inference_mode()
+    def generate(self, encoded: Encoded, adapter_sets: list[AdapterSet], max_new_tokens: int) -> list[str]:
+        """Greedy outputs, one adapter set per example."""
+        ids = self.model.greedy_decode(
+            encoded.hidden, encoded.mask, self._gather(encoded, adapter_sets), max_new_tokens
+        )
         return [self.backbone.decode_text(row) for row in ids]
+
+    @torch.inference_mode()
+    def answer(
+        self,
+        encoded: Encoded,
+        adapter_sets: list[AdapterSet],
+        spaces: list[AnswerSpace | None],
+        max_new_tokens: int,
+    ) -> list[Scored]:
+        """Each example's answer: rank classification within its answer space (scoring.py) where it has one,
+        greedy generation (no probabilities) where it has none. One decoder pass for each of the two kinds."""
+        if len(spaces) != len(encoded):
+            raise ValueError(f"{len(encoded)} inputs but {len(spaces)} answer spaces")
+        with self._tokenizer_lock:
+            for space in {s for s in spaces if s is not None and s not in self._ids_of}:
+                if len(self._ids_of) >= MAX_CACHED_SPACES:
+                    self._ids_of.clear()
+                self._ids_of[space] = candidate_ids(self.backbone, space)
+        layers = self._gather(encoded, adapter_sets)
+        results: list[Scored | None] = [None] * len(encoded)
+        for ranked, rows in ((True, [i for i, s in enumerate(spaces) if s is not None]), (False, None)):
+            if rows is None:
+                rows = [i for i, s in enumerate(spaces) if s is None]
+            if not rows:
+                continue
+            index = torch.tensor(rows, device=self.model.device)
+            hidden, mask = encoded.hidden.index_select(0, index), encoded.mask.index_select(0, index)
+            part = [w.index_select(index) for w in layers]
+            if ranked:
+                out = rank(self.model, hidden, mask, part, [spaces[i] for i in rows], self._ids_of)
+            else:
+                ids = self.model.greedy_decode(hidden, mask, part, max_new_tokens)
+                out = [Scored(self.backbone.decode_text(row), None) for row in ids]
+            for i, scored in zip(rows, out, strict=True):
+                results[i] = scored
+        return results  # type: ignore[return-value]
 
     @torch.inference_mode()
     def generate_plain(self, encoded: Encoded, max_new_tokens: int) -> list[str]:

@@ -42,9 +42,14 @@ def prototype_contrastive_loss(
     return F.cross_entropy(logits, task_ids)
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """CE averaged over the target tokens of the whole batch (not summed: summing weakens lambda ~500x)."""
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=ignore_index)
+def token_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"
+) -> torch.Tensor:
+    """CE over the target tokens. The objective averages it over the batch's target tokens (summing it
+    weakens lambda ~500x); "sum" lets a bucketed batch add its buckets up before dividing once."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=ignore_index, reduction=reduction
+    )
 
 
 @dataclass

@@ -67,7 +67,9 @@ def parameter_report(model: PHAModel) -> list[Part]:
                 t * ld * adapter,
             )
         )
-    parts.append(Part(f"backbone decoder ({cfg.backbone.decoder_trainable})", _n(model.backbone), "counted", None))
+    start = cfg.backbone.decoder_init if cfg.backbone.kind == "minilm" else "checkpoint"
+    label = f"backbone decoder (trainable: {cfg.backbone.decoder_trainable}; starts: {start})"
+    parts.append(Part(label, _n(model.backbone), "counted", None))
     for part in parts:
         if part.expected is not None and part.expected != part.count:
             raise AssertionError(f"{part.name}: formula gives {part.expected}, model has {part.count}")

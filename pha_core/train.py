@@ -6,11 +6,13 @@ draws its own batches from a rank-seeded mixer, gradients are averaged, rank 0 l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batching import collate
+from .batching import collate_buckets
 from .checkpoint import TRAINER_FILE, load_checkpoint, read_meta, round_trainable, save_checkpoint
 from .config import PHAConfig
 from .data import ProportionalMixer, load_splits
+from .files import write_atomic
 from .model import PHAModel
 from .tasks import GLUE_TASKS, Example
 
@@ -54,6 +57,13 @@ class TrainConfig:
     # Storage dtype of the final checkpoint: "float16" halves its size (the demo ships that way); the weights
     # are rounded in memory first, so the evaluated model is exactly the stored one.
     save_dtype: str = "float32"
+    # Matmul precision of forward and backward: "bf16" autocast (trainable weights, gradients and optimiser stay
+    # float32; FrozenInLowPrecision), "fp32", or "auto": bf16 where the hardware multiplies bf16 natively (CUDA
+    # with bf16, CPUs with AVX512-BF16/AMX), fp32 elsewhere. Measured in docs/results.md (bench/train_speed.py).
+    precision: str = "auto"
+    # Padded source tokens per length bucket of a batch (batching.collate_buckets); 0: one bucket per batch.
+    # 4096 at batch 128 measured fastest on the GLUE mix (mean 40 tokens, max 256): 65.8 ex/s vs 61.0 for 2048.
+    token_budget: int = 4096
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -62,6 +72,8 @@ class TrainConfig:
             raise ValueError("at least one task is needed")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.save_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"save_dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
 
@@ -74,6 +86,76 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """ "auto" -> "bf16" where bf16 matmuls are native on `device` (CUDA with bf16, CPUs with AMX or
+    AVX512-BF16), else "fp32"."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device) -> Iterator[None]:
+    """The autocast context of a resolved precision (a no-op for fp32).
+
+    On the CPU, bf16 attention takes the math kernel: the fused flash kernel's backward was 8x slower than
+    fp32 there (49 ms vs 6 ms a call, 2 cores with AMX, torch 2.13), while the math kernel's matmuls use AMX.
+    """
+    if precision != "bf16":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
+    with torch.autocast(device.type, dtype=torch.bfloat16), kernel:
+        yield
+
+
+class FrozenInLowPrecision:
+    """Frozen parameters stored in bf16 while training, the float32 originals put back bit-exactly after.
+
+    Under autocast every frozen weight would be cast to bf16 on every call; storing them in bf16 once saves
+    that copy (the trainable parts, their gradients and the optimiser stay float32). `restore()` puts the
+    float32 tensors back, so what is evaluated and saved is the model a checkpoint loads; `paused()` does so for
+    the duration of a save in the middle of training (the backbone fingerprint is taken from those weights).
+    """
+
+    def __init__(self, model: nn.Module, enabled: bool) -> None:
+        self._model = model
+        self._originals: dict[str, torch.Tensor] = {}
+        if enabled:
+            self._originals = {
+                name: p.data for name, p in model.named_parameters() if not p.requires_grad and p.dtype == torch.float32
+            }
+            self._apply()
+
+    def _apply(self) -> None:
+        params = dict(self._model.named_parameters())
+        for name, original in self._originals.items():
+            params[name].data = original.to(torch.bfloat16)
+
+    def restore(self) -> None:
+        params = dict(self._model.named_parameters())
+        for name, original in self._originals.items():
+            params[name].data = original
+        self._originals = {}
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        if not self._originals:
+            yield
+            return
+        params = dict(self._model.named_parameters())
+        for name, original in self._originals.items():
+            params[name].data = original
+        try:
+            yield
+        finally:
+            self._apply()
 
 
 def seed_everything(seed: int) -> None:
@@ -136,6 +218,7 @@ class Trainer:
             torch.cuda.set_device(Distributed.from_env().local_rank)
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dist = setup_distributed(self.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -152,6 +235,7 @@ class Trainer:
         else:
             self.model = PHAModel(model_cfg)
         self.model.to(self.device).train()
+        self.frozen = FrozenInLowPrecision(self.model, self.precision == "bf16")
         self.task_index = {t: i for i, t in enumerate(self.model.tasks)}
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(cfg.warmup, cfg.steps))
@@ -174,14 +258,16 @@ class Trainer:
             self.history = json.loads(history_file.read_text())["history"]
 
     def train_step(self, examples: list[Example]) -> dict[str, float]:
-        batch = collate(
+        buckets = collate_buckets(
             self.model.backbone,
             examples,
             self.task_index,
             self.model.config.max_source_length,
             self.model.config.max_target_length,
-        ).to(self.device)
-        parts = self.ddp_model(**batch.model_inputs())
+            self.cfg.token_budget,
+        )
+        with autocast(self.precision, self.device):
+            parts = self.ddp_model([b.to(self.device) for b in buckets])
         parts.total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.cfg.grad_clip)
         self.optimizer.step()
@@ -224,9 +310,11 @@ class Trainer:
                 window = []
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and evaluate_fn:
                 self.history[-1]["validation"] = evaluate_fn(self.model, "validation")["average"]
+                self.model.train()  # evaluation leaves the model in eval mode
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
                 self.save()
         bar.close()
+        self.frozen.restore()
         if self.cfg.save_dtype != "float32":
             round_trainable(self.model, getattr(torch, self.cfg.save_dtype))
         self.save()
@@ -237,6 +325,9 @@ class Trainer:
             return
         recipe = {
             **asdict(self.cfg),
+            # No machine path in a checkpoint (it ships): the output folder by name, a data folder only if relative.
+            "output": Path(self.cfg.output).name,
+            "data_dir": self.cfg.data_dir if self.cfg.data_dir and not Path(self.cfg.data_dir).is_absolute() else None,
             "steps_done": self.step,
             "train_sizes": {t: len(s) for t, s in self.train_sets.items()},
         }
@@ -247,14 +338,13 @@ class Trainer:
             "batches_drawn": self.mixer.batches_drawn,
         }
         dtype = getattr(torch, self.cfg.save_dtype) if self.step >= self.cfg.steps else None
-        save_checkpoint(self.model, self.output, recipe=recipe, trainer_state=state, dtype=dtype)
+        with self.frozen.paused():
+            save_checkpoint(self.model, self.output, recipe=recipe, trainer_state=state, dtype=dtype)
         _write_json_atomic(self.output / "train_log.json", {"history": self.history})
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
 
 
 def loss_trend(history: list[dict[str, float]], key: str) -> tuple[float, float]:

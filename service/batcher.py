@@ -38,6 +38,7 @@ class ItemResult:
     score: float | None = None
     margin: float | None = None
     low_confidence: bool = False
+    probabilities: dict[str, float] | None = None
 
 
 @dataclass

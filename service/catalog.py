@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 
 from pha_core.inference import AdapterSet
+from pha_core.scoring import AnswerSpace
 from pha_core.tasks import TASKS
 
 from .routing import PrototypeIndex
@@ -45,6 +46,14 @@ class TaskEntry:
     version: int = 1
     key: np.ndarray | None = field(default=None, repr=False)
     adapters: AdapterSet | None = field(default=None, repr=False)
+
+    @property
+    def answers(self) -> AnswerSpace | None:
+        """What the task answers with: its label words (rank classification; a known task's own, e.g. STS-B's
+        0.2 bins), or None: free generation."""
+        if self.source == "trained" and self.name in TASKS:
+            return AnswerSpace.of_task(self.name)
+        return AnswerSpace.of_labels(self.labels)
 
     @property
     def routing_key(self) -> np.ndarray:

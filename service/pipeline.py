@@ -1,5 +1,7 @@
-"""What one micro-batch goes through: encode + route, adapters per task, one generate call.
+"""What one micro-batch goes through: encode + route, adapters per task, one answer call.
 
+Tasks with label words answer by rank classification (pha_core.scoring: every label scored, the best one
+returned with every label's probability); tasks without generate freely.
 Model calls go through the `ModelRunner` (the one model thread); cache lookups and bookkeeping stay on the event
 loop. Items of a batch are grouped only by what a single model call cannot mix (adapters on or off, the number of
 new tokens); tasks are never a reason to split: every example carries its own adapter set.
@@ -99,11 +101,13 @@ class Pipeline:
             return
         sets = [adapters[entry.name] for entry, _ in decisions]
         max_new = items[0].max_new_tokens
-        outputs, seconds = await self.runner(lambda: timed(lambda: self.engine.generate(encoded, sets, max_new)))
+        spaces = [entry.answers for entry, _ in decisions]
+        answers, seconds = await self.runner(lambda: timed(lambda: self.engine.answer(encoded, sets, spaces, max_new)))
         self.metrics.phase_seconds.labels("generate").observe(seconds)
         for i in live:
             _, template = decisions[i]
-            items[i].future.set_result(ItemResult(output=outputs[i], **template))
+            result = ItemResult(output=answers[i].output, probabilities=answers[i].probabilities, **template)
+            items[i].future.set_result(result)
 
     async def route(self, vectors: np.ndarray) -> list[Route]:
         """Nearest prototypes of `vectors` [B, dim], searched on the routing thread."""

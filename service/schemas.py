@@ -64,7 +64,9 @@ class PredictRequest(BaseModel):
         None, description="pin a task (skips retrieval); without it the prototype retriever picks one per input"
     )
     max_new_tokens: StrictInt | None = Field(
-        None, description="tokens to generate per input (default: the model's target length, capped by the server)"
+        None,
+        description="tokens to generate per input, for tasks that generate freely (default: the model's target "
+        "length, capped by the server); tasks with label words always answer with a whole label",
     )
     # Benchmark switch (PHA_ALLOW_BACKBONE_ONLY): the backbone without adapters. Hidden from the public schema.
     backbone_only: SkipJsonSchema[StrictBool] = False
@@ -99,12 +101,20 @@ class PredictRequest(BaseModel):
 
 
 class Prediction(BaseModel):
-    output: str = Field(description="the generated text (a label word for classification tasks)")
+    output: str = Field(
+        description="the answer: the most probable label word for tasks with labels (rank classification), the "
+        "expected score for STS-B, generated text otherwise"
+    )
     task: str | None = Field(description="the task whose adapters answered (null for backbone_only)")
     routed: bool = Field(description="true when the retriever chose the task, false when the request pinned it")
     score: float | None = Field(None, description="cosine of the input to the chosen prototype (null when pinned)")
     margin: float | None = Field(None, description="score minus the runner-up's score (null when pinned or alone)")
     low_confidence: bool = Field(False, description="routed with a score below the server's min_route_score")
+    probabilities: dict[str, float] | None = Field(
+        None,
+        description="probability of every label of the answering task (its label sequences scored by the decoder, "
+        "normalised over the labels); null when the output was generated freely",
+    )
 
 
 class PredictResponse(BaseModel):

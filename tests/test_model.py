@@ -29,7 +29,7 @@ def _trained(cfg, steps=3, seed=0):
     index = {t: i for i, t in enumerate(model.tasks)}
     for _ in range(steps):
         batch = collate(model.backbone, EXAMPLES, index, 64, 8)
-        model(**batch.model_inputs()).total.backward()
+        model(batch).total.backward()
         opt.step()
         opt.zero_grad()
     return model.eval()
@@ -39,7 +39,7 @@ def _trained(cfg, steps=3, seed=0):
 def test_every_variant_trains_and_generates(variant):
     model = _trained(tiny_config(variant=variant), steps=2)
     index = {t: i for i, t in enumerate(model.tasks)}
-    parts = model(**collate(model.backbone, EXAMPLES, index, 64, 8).model_inputs())
+    parts = model(collate(model.backbone, EXAMPLES, index, 64, 8))
     assert torch.isfinite(parts.total)
     assert (parts.pro.item() != 0) == (variant == "pha")
     assert (parts.ir.item() != 0) == (variant in ("pha", "no_prototype"))

@@ -32,15 +32,18 @@ def test_default_backbone_loads_trains_and_generates():
     batch = collate(model.backbone, EXAMPLES, index, 64, 8)
     losses = []
     for _ in range(8):
-        parts = model(**batch.model_inputs())
+        parts = model(batch)
         parts.total.backward()
         opt.step()
         opt.zero_grad()
         losses.append(parts.ce.item())
     assert losses[-1] < losses[0] * 0.5, losses
-    out = predict_examples(model, EXAMPLES, max_new_tokens=5)
-    assert all(isinstance(o, str) for o in out["given"])
-    assert sum(o == e.target for o, e in zip(out["given"], EXAMPLES, strict=True)) >= 2, out["given"]
+    out = predict_examples(model, EXAMPLES)  # rank classification: labels for SST-2, expected scores for STS-B
+    sst2, stsb = out["given"][:2], [float(o) for o in out["given"][2:]]
+    assert set(sst2) <= {"negative", "positive"} and all(0.0 <= s <= 5.0 for s in stsb), out["given"]
+    right = sum(o == e.target for o, e in zip(sst2, EXAMPLES, strict=False))
+    right += sum(abs(s - float(e.target)) <= 1.0 for s, e in zip(stsb, EXAMPLES[2:], strict=True))
+    assert right >= 3, out["given"]
 
 
 def test_bundled_demo_checkpoint_answers_and_routes():

@@ -18,8 +18,7 @@ tar xzf "$park/data.tgz" -C /tmp/data
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PHA_DATA_DIR=/tmp/data PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
 start=$(date +%s)
-python3 -m pha_core.cli train --n-train 2000 --steps "${DEMO_STEPS:-3000}" --batch-size 64 --lr 1e-3 \
-  --max-eval 500 --output "$OUT/demo" --save-dtype float16 --device cuda --no-eval --log-every 100 2>&1 \
+python3 -m pha_core.cli train --config pha_core/configs/demo.yaml --output "$OUT/demo" --device cuda --no-eval 2>&1 \
   | tr '\r' '\n' | grep -v "it/s\]" | grep -v "s/it\]" | tail -n 40
 echo "demo train seconds: $(( $(date +%s) - start ))"
 rm -f "$OUT/demo/trainer_state.pt"

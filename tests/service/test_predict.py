@@ -55,10 +55,21 @@ def test_list_answers_equal_single_answers_in_order(client):
     assert [p["task"] for p in listed] == [p["task"] for p in singles]
 
 
-def test_max_new_tokens_bounds_the_output(client):
-    one = predict(client, inputs=SST2, task="sst2", max_new_tokens=1)["predictions"][0]["output"]
-    many = predict(client, inputs=SST2, task="sst2", max_new_tokens=12)["predictions"][0]["output"]
-    assert " " not in one and len(one) < len(many)
+def test_max_new_tokens_bounds_generated_output_not_labels(client):
+    state = client.app.state.pha
+    state.catalog.upsert("free_text", state.engine.trained_prototypes()[0])  # no label words: generates
+    try:
+        one = predict(client, inputs=SST2, task="free_text", max_new_tokens=1)["predictions"][0]
+        many = predict(client, inputs=SST2, task="free_text", max_new_tokens=12)["predictions"][0]
+    finally:
+        state.catalog.remove("free_text")
+    assert " " not in one["output"] and len(one["output"]) < len(many["output"])
+    assert one["probabilities"] is None
+    # A task with label words answers with a whole label (rank classification), whatever the token bound.
+    labelled = predict(client, inputs=SST2, task="sst2", max_new_tokens=1)["predictions"][0]
+    assert labelled["output"] in ("negative", "positive")
+    assert set(labelled["probabilities"]) == {"negative", "positive"}
+    assert sum(labelled["probabilities"].values()) == pytest.approx(1.0)
 
 
 def test_mixed_task_batch_equals_one_at_a_time(tiny_checkpoint, redis_url):

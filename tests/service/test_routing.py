@@ -149,5 +149,6 @@ def test_adapted_task_with_its_own_routing_key_and_adapters(tiny_checkpoint):
         assert vectors["vector"] == pytest.approx((-z).tolist()) and vectors["key"] == pytest.approx(z.tolist())
 
         # Explicit adapters are served as given (here mnli's), whatever the prototype says.
-        state.catalog.upsert("explicit", rte, adapters=engine.adapters_for_prototype(mnli))
+        labels = state.catalog.get("mnli").labels
+        state.catalog.upsert("explicit", rte, adapters=engine.adapters_for_prototype(mnli), labels=labels)
         assert answer(task="explicit")["output"] == answer(task="mnli")["output"]

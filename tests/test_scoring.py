@@ -1,0 +1,109 @@
+"""Rank classification (pha_core.scoring): scores are the decoder's own sequence log-likelihoods."""
+
+import pytest
+import torch
+
+from pha_core.batching import collate
+from pha_core.evaluate import predict_examples
+from pha_core.model import PHAModel
+from pha_core.scoring import STSB_BINS, AnswerSpace, answer, candidate_ids, label_log_likelihoods, rank
+from pha_core.tasks import Example
+from tests.tiny import tiny_config
+
+EXAMPLES = [
+    Example("sentence: a fine film", "positive", "sst2"),
+    Example("sentence1: a cat sat. sentence2: a cat was sitting.", "entailment", "rte"),
+    Example("premise: it rains. hypothesis: the street is dry.", "contradiction", "mnli"),
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return PHAModel(tiny_config(tasks=["sst2", "rte", "mnli", "stsb"])).eval()
+
+
+def _encoded(model, examples):
+    index = {t: i for i, t in enumerate(model.tasks)}
+    batch = collate(model.backbone, examples, index, 64, 8)
+    hidden = model.encode(batch.input_ids, batch.attention_mask)
+    return batch, hidden
+
+
+@torch.no_grad()
+def test_scores_equal_teacher_forced_log_likelihood(model):
+    ex = EXAMPLES[2]
+    space = AnswerSpace.of_task("mnli")
+    batch, hidden = _encoded(model, [ex])
+    adapters = model.decoder_adapters(batch.task_ids)
+    (scores,) = label_log_likelihoods(
+        model, hidden, batch.attention_mask, adapters, [candidate_ids(model.backbone, space)]
+    )
+    for word, score in zip(space.words, scores.tolist(), strict=True):
+        one = collate(model.backbone, [Example(ex.input, word, ex.task)], {ex.task: 0}, 64, 8)
+        with model.decoder_context.use(adapters):
+            logits, _ = model.backbone.decode(one.decoder_input_ids, hidden, batch.attention_mask)
+        n = int((one.labels != -100).sum())
+        ce = torch.nn.functional.cross_entropy(logits[0], one.labels[0], ignore_index=-100, reduction="sum")
+        assert score == pytest.approx(-float(ce), abs=1e-4), (word, n)
+
+
+@torch.no_grad()
+def test_mixed_task_batch_equals_one_at_a_time(model):
+    spaces = [AnswerSpace.of_task(e.task) for e in EXAMPLES]
+    batch, hidden = _encoded(model, EXAMPLES)
+    mixed = rank(model, hidden, batch.attention_mask, model.decoder_adapters(batch.task_ids), spaces)
+    for i, ex in enumerate(EXAMPLES):
+        b1, h1 = _encoded(model, [ex])
+        (alone,) = rank(model, h1, b1.attention_mask, model.decoder_adapters(b1.task_ids), [spaces[i]])
+        assert alone.output == mixed[i].output
+        for word, p in alone.probabilities.items():
+            assert mixed[i].probabilities[word] == pytest.approx(p, abs=1e-5)
+
+
+def test_every_answer_is_a_label_with_probabilities(model):
+    out = predict_examples(model, EXAMPLES * 3, batch_size=4)
+    for ex, given, retrieved, route in zip(EXAMPLES * 3, out["given"], out["retrieved"], out["routes"], strict=True):
+        assert given in AnswerSpace.of_task(ex.task).words
+        assert retrieved in AnswerSpace.of_task(route).words + STSB_BINS or float(retrieved) >= 0
+    batch, hidden = _encoded(model, EXAMPLES)
+    scored = rank(
+        model, hidden, batch.attention_mask, model.decoder_adapters(batch.task_ids), [AnswerSpace.of_task("rte")] * 3
+    )
+    for s in scored:
+        assert set(s.probabilities) == {"entailment", "not_entailment"}
+        assert sum(s.probabilities.values()) == pytest.approx(1.0)
+        assert s.output == max(s.probabilities, key=s.probabilities.get)
+
+
+def test_regression_answer_is_the_expectation_over_bins():
+    space = AnswerSpace(STSB_BINS, regression=True)
+    loglik = torch.full((26,), -50.0)
+    loglik[STSB_BINS.index("2.0")] = 0.0
+    loglik[STSB_BINS.index("4.0")] = 0.0
+    scored = answer(space, loglik)
+    assert float(scored.output) == pytest.approx(3.0, abs=1e-6)
+    assert scored.probabilities["2.0"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_stsb_rank_outputs_a_score_in_range(model):
+    ex = Example("sentence1: a man sings. sentence2: a man is singing.", "4.4", "stsb")
+    out = predict_examples(model, [ex])
+    assert 0.0 <= float(out["given"][0]) <= 5.0
+
+
+def test_answer_space_refuses_bad_candidates():
+    with pytest.raises(ValueError, match="distinct"):
+        AnswerSpace(("yes", "yes"))
+    with pytest.raises(ValueError, match="at least one"):
+        AnswerSpace(())
+    with pytest.raises(ValueError):
+        AnswerSpace(("low", "high"), regression=True)
+    assert AnswerSpace.of_labels(None) is None
+
+
+def test_greedy_decoding_stays_available(model):
+    out = predict_examples(model, EXAMPLES, decoding="greedy", max_new_tokens=3)
+    assert len(out["given"]) == len(EXAMPLES)
+    with pytest.raises(ValueError, match="decoding"):
+        predict_examples(model, EXAMPLES, decoding="beam")
