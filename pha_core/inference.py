@@ -175,23 +175,27 @@ class Engine:
                     self._ids_of.clear()
                 self._ids_of[space] = candidate_ids(self.backbone, space)
         layers = self._gather(encoded, adapter_sets)
-        results: list[Scored | None] = [None] * len(encoded)
-        for ranked, rows in ((True, [i for i, s in enumerate(spaces) if s is not None]), (False, None)):
-            if rows is None:
-                rows = [i for i, s in enumerate(spaces) if s is None]
+        results: list[Scored] = [None] * len(encoded)  # type: ignore[list-item]
+        ranked = [i for i, s in enumerate(spaces) if s is not None]
+        free = [i for i, s in enumerate(spaces) if s is None]
+        for rows, scorer in ((ranked, self._rank), (free, self._generate_scored)):
             if not rows:
                 continue
             index = torch.tensor(rows, device=self.model.device)
             hidden, mask = encoded.hidden.index_select(0, index), encoded.mask.index_select(0, index)
             part = [w.index_select(index) for w in layers]
-            if ranked:
-                out = rank(self.model, hidden, mask, part, [spaces[i] for i in rows], self._ids_of)
-            else:
-                ids = self.model.greedy_decode(hidden, mask, part, max_new_tokens)
-                out = [Scored(self.backbone.decode_text(row), None) for row in ids]
-            for i, scored in zip(rows, out, strict=True):
+            for i, scored in zip(
+                rows, scorer(hidden, mask, part, [spaces[i] for i in rows], max_new_tokens), strict=True
+            ):
                 results[i] = scored
-        return results  # type: ignore[return-value]
+        return results
+
+    def _rank(self, hidden, mask, layers, spaces, _max_new_tokens) -> list[Scored]:
+        return rank(self.model, hidden, mask, layers, spaces, self._ids_of)
+
+    def _generate_scored(self, hidden, mask, layers, _spaces, max_new_tokens) -> list[Scored]:
+        ids = self.model.greedy_decode(hidden, mask, layers, max_new_tokens)
+        return [Scored(self.backbone.decode_text(row), None) for row in ids]
 
     @torch.inference_mode()
     def generate_plain(self, encoded: Encoded, max_new_tokens: int) -> list[str]:
