@@ -6,45 +6,28 @@
 Modes (pha_core/adapt.py): `prototype` trains only the new prototype (128 floats); `adapter` trains a per-task
 copy of the generated adapters initialised from H(k_a); `scratch` trains a plain adapter from a fresh init on
 the same k examples (the baseline). Each run reports the held-out metric, the share of held-out inputs routed
-to the new prototype, the wall time of the adaptation and the retrieved source task.
+to the new prototype, the wall time of the adaptation and the retrieved source task. Beside them, on the same k
+shots and held-out rows: the majority class of the shots and the frozen probe (bench/baselines.py). Held-out
+rows come from split seed 42 whatever the seed; the seed draws the k shots and the initialisation.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.baselines import SentenceEncoder, majority, probe  # noqa: E402
+from bench.machine import write_result  # noqa: E402
 from pha_core.adapt import adapt_task, score_adapted  # noqa: E402
 from pha_core.checkpoint import load_checkpoint  # noqa: E402
 from pha_core.data import data_dir_from_env, load_splits, low_data  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "pha_core" / "assets" / "demo"
-
-
-def _write(args: argparse.Namespace, runs: list[dict]) -> None:
-    """Rewritten after every run, so a run cut short by a time limit still leaves its measurements."""
-    machine = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "device": args.device,
-        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-    }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"machine": machine, "args": vars(args), "runs": runs, "command": " ".join(sys.argv)}, indent=2)
-    )
 
 
 def main() -> int:
@@ -62,6 +45,9 @@ def main() -> int:
     model = load_checkpoint(args.checkpoint, device=args.device)
     prototypes = model.prototypes.weight.detach().cpu().numpy()
     splits = load_splits(args.tasks, data_dir_from_env(), max_eval=args.max_eval)
+    encoder = SentenceEncoder()
+    settings = {k: v for k, v in vars(args).items() if k not in ("output", "checkpoint")}
+    settings["checkpoint"] = Path(args.checkpoint).name
     runs = []
     for task in args.tasks:
         # Few-shot examples come from train; every held-out row (CB: both halves of its 56-row validation file).
@@ -69,6 +55,11 @@ def main() -> int:
         for k in args.k:
             for seed in args.seeds:
                 shots = low_data(splits[task]["train"], n=k, seed=seed)
+                gold = [e.target for e in heldout]
+                for name, predict in (("majority", majority), ("probe", lambda a, b: probe(encoder, a, b))):
+                    predictions = predict(shots, heldout)
+                    accuracy = sum(p == g for p, g in zip(predictions, gold, strict=True)) / len(gold)
+                    runs.append({"task": task, "k": k, "seed": seed, "mode": name, "accuracy": accuracy})
                 for mode in args.modes:
                     started = time.perf_counter()
                     result = adapt_task(model, shots, prototypes, model.tasks, mode=mode, steps=args.steps, seed=seed)
@@ -87,7 +78,7 @@ def main() -> int:
                             **scores,
                         }
                     )
-                    _write(args, runs)
+                    write_result(args.output, {"settings": settings, "runs": runs})
                     print(
                         f"{task} k={k} seed={seed} {mode:<9} {scores} adapt {result.seconds:.1f}s "
                         f"from {result.source_task}",
@@ -97,16 +88,17 @@ def main() -> int:
     print(f"{'task':<6} {'k':>3} {'mode':<10} {'metric':>14} {'routed':>14} {'seconds':>8}")
     for task in args.tasks:
         for k in args.k:
-            for mode in args.modes:
+            for mode in ["majority", "probe", *args.modes]:
                 rows = [r for r in runs if r["task"] == task and r["k"] == k and r["mode"] == mode]
                 m = [r.get(metric.get(task, "exact_match"), 0.0) for r in rows]
-                routed = [r["routed_to_new"] for r in rows]
                 sd = statistics.stdev(m) if len(m) > 1 else 0.0
-                seconds = statistics.mean(r["adapt_seconds"] for r in rows)
-                print(
-                    f"{task:<6} {k:>3} {mode:<10} {100 * statistics.mean(m):7.1f} ± {100 * sd:4.1f} "
-                    f"{100 * statistics.mean(routed):7.1f}%      {seconds:8.1f}"
-                )
+                if "routed_to_new" in rows[0]:
+                    routed = f"{100 * statistics.mean(r['routed_to_new'] for r in rows):7.1f}%"
+                    seconds = f"{statistics.mean(r['adapt_seconds'] for r in rows):8.1f}"
+                else:
+                    routed, seconds = f"{'-':>8}", f"{'-':>8}"
+                score = f"{100 * statistics.mean(m):7.1f} ± {100 * sd:4.1f}"
+                print(f"{task:<6} {k:>3} {mode:<10} {score} {routed}      {seconds}")
     return 0
 
 

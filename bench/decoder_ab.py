@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.train_speed import machine  # noqa: E402
+from bench.machine import machine  # noqa: E402
 from pha_core.config import BackboneConfig, PHAConfig  # noqa: E402
 from pha_core.data import data_dir_from_env, load_splits  # noqa: E402
 from pha_core.evaluate import evaluate  # noqa: E402

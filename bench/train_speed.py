@@ -12,39 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import machine  # noqa: E402
 from pha_core.config import BackboneConfig, PHAConfig  # noqa: E402
 from pha_core.tasks import GLUE_TASKS  # noqa: E402
 from pha_core.train import TrainConfig, Trainer  # noqa: E402
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
-    info["threads"] = torch.get_num_threads()
-    info["cpu"] = platform.processor() or _cpu_model()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def main() -> None:
@@ -59,11 +37,12 @@ def main() -> None:
     p.add_argument("--decoder-trainable", default=None, help="none | cross_attention | all")
     p.add_argument("--decoder-init", default=None, help="pre-trained decoder file (default: the shipped one)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--encoding", choices=["fields", "joint"], default=None, help="default: the backbone's")
     p.add_argument("--output", type=Path)
     args = p.parse_args()
 
     backbone = BackboneConfig(decoder_trainable=args.decoder_trainable, decoder_init=args.decoder_init)
-    model_cfg = PHAConfig(backbone=backbone, max_source_length=args.max_source_length)
+    model_cfg = PHAConfig(backbone=backbone, max_source_length=args.max_source_length, encoding=args.encoding)
     with tempfile.TemporaryDirectory() as out:
         extra = {} if args.token_budget is None else {"token_budget": args.token_budget}
         cfg = TrainConfig(
@@ -92,6 +71,7 @@ def main() -> None:
             "precision": trainer.precision,
             "token_budget": cfg.token_budget,
             "decoder_trainable": model_cfg.backbone.decoder_trainable,
+            "encoding": model_cfg.encoding,
         },
         "machine": machine(),
     }

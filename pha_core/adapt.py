@@ -3,10 +3,11 @@
 1. Encode the k examples; score every known prototype by the mean cosine to their z; pick k_a.
 2. A new prototype starts as a copy of k_a. Nothing that exists changes.
 3. Train on the k examples:
-   mode "prototype" (default for serving): only the new prototype trains, with CE + lambda * L_Pro.
-        CE makes H(k_new) generate adapters that solve the task; L_Pro (z against every prototype, the new
-        one as target) pulls k_new towards the task's inputs so retrieval (Eq. 10) routes them to it.
-        A new task costs proto_dim floats and cannot change another task's outputs.
+   mode "prototype" (default for serving): two new vectors train, each with its own loss (summed, no
+        lambda: they share no parameter). CE trains the prototype k_new, so H(k_new) generates adapters that
+        solve the task; L_Pro (z against every known key and the new one as target) trains a separate routing
+        key, which retrieval (Eq. 10) matches inputs against. A new task costs 2 x proto_dim floats and cannot
+        change another task's outputs.
    mode "adapter": a per-task copy of the generated decoder adapters, initialised from H(k_a), trains with
         CE; the routing prototype trains beside it with L_Pro alone (it does not feed the adapters).
    mode "scratch": the baseline, a plain adapter trained from a fresh init (W_up = 0) with CE; routing as in
@@ -23,7 +24,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -32,6 +32,7 @@ from .batching import collate
 from .inference import AdapterSet
 from .losses import prototype_contrastive_loss, token_cross_entropy
 from .model import PHAModel
+from .retriever import cosine_scores, retrieve
 from .scoring import AnswerSpace, rank
 from .tasks import Example
 
@@ -58,18 +59,19 @@ class AdaptResult:
 
 
 def _encode(model: PHAModel, examples: Sequence[Example]):
+    """The batch, what the decoder reads (memory, mask) and z: all fixed during adaptation."""
     bb, cfg = model.backbone, model.config
-    batch = collate(bb, examples, {examples[0].task: 0}, cfg.max_source_length, cfg.max_target_length)
+    batch = collate(bb, examples, {examples[0].task: 0}, cfg.max_source_length, cfg.max_target_length, cfg.by_field)
     batch = batch.to(model.device)
     with torch.no_grad():
-        hidden = model.encode(batch.input_ids, batch.attention_mask)
-        z = model.instance_vectors(hidden, batch.attention_mask)
-    return batch, hidden, z
+        hidden, mask = model.encode(batch.source)
+        z = model.instance_vectors(hidden, mask)
+    return batch, (hidden, mask), z
 
 
-def choose_source(z: torch.Tensor, prototypes: torch.Tensor, names: Sequence[str]) -> tuple[int, float]:
+def choose_source(z: torch.Tensor, prototypes: torch.Tensor) -> tuple[int, float]:
     """Step 1: the prototype with the highest mean cosine to the examples' z."""
-    scores = (F.normalize(z, dim=-1) @ F.normalize(prototypes, dim=-1).t()).mean(dim=0)
+    scores = cosine_scores(z, prototypes).mean(dim=0)
     best = int(scores.argmax())
     return best, float(scores[best])
 
@@ -99,9 +101,9 @@ def adapt_task(
     started = time.perf_counter()
     torch.manual_seed(seed)
     model.eval()  # dropout off: k examples are too few for noise to help, and results must be reproducible
-    batch, hidden, z = _encode(model, examples)
+    batch, (hidden, mask), z = _encode(model, examples)
     known = torch.as_tensor(np.asarray(prototypes, dtype=np.float32), device=model.device)
-    source, score = choose_source(z, known, names)
+    source, score = choose_source(z, known)
     new_proto = known[source].clone().requires_grad_(mode == "prototype")
     key = known[source].clone().requires_grad_(True)
     adapter_params = _initial_adapters(model, known[source], mode)
@@ -120,7 +122,7 @@ def adapt_task(
         layers = _layers(adapter_params) if adapter_params else model.adapters_from_condition(new_proto.view(1, -1))
         rows = torch.zeros(len(examples), dtype=torch.long, device=model.device)
         with model.decoder_context.use([w.index_select(rows) for w in layers]):
-            logits, _ = model.backbone.decode(batch.decoder_input_ids, hidden, batch.attention_mask)
+            logits, _ = model.backbone.decode(batch.decoder_input_ids, hidden, mask)
         ce = token_cross_entropy(logits, batch.labels)
         pro = prototype_contrastive_loss(z, torch.cat([rivals, key.view(1, -1)]), target, model.config.temperature)
         loss = ce + pro  # independent parts: CE reaches only the adapters' source, L_Pro only the key
@@ -242,16 +244,16 @@ def score_adapted(
     outputs, routed = [], 0
     for start in range(0, len(heldout), batch_size):
         chunk = list(heldout[start : start + batch_size])
-        batch, hidden, z = _encode(model, chunk)
+        _, (hidden, mask), z = _encode(model, chunk)
         routed += int((retrieve_rows(z, table) == table.size(0) - 1).sum())
         layers = [
             AdapterWeights(*(t.to(model.device).expand(len(chunk), *t.shape[1:]) for t in w.tensors()))
             for w in adapters.layers
         ]
         if space is not None:
-            outputs += [s.output for s in rank(model, hidden, batch.attention_mask, layers, [space] * len(chunk))]
+            outputs += [s.output for s in rank(model, hidden, mask, layers, [space] * len(chunk))]
         else:
-            ids = model.greedy_decode(hidden, batch.attention_mask, layers, model.config.max_target_length)
+            ids = model.greedy_decode(hidden, mask, layers, model.config.max_target_length)
             outputs += [model.backbone.decode_text(row) for row in ids]
     targets = [e.target for e in heldout]
     if task in TASKS:
@@ -262,4 +264,5 @@ def score_adapted(
 
 
 def retrieve_rows(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    return (F.normalize(z, dim=-1) @ F.normalize(table, dim=-1).t()).argmax(dim=-1)
+    """The routed row of each z (Eq. 10 over `table`)."""
+    return retrieve(z, table, top_k=1).indices[:, 0]

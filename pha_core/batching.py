@@ -15,56 +15,44 @@ from dataclasses import dataclass
 import torch
 
 from .backbones import Backbone
+from .source import Source, make_source, split_fields
 from .tasks import Example
 
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    source: Source  # the encoder input (source.py)
     decoder_input_ids: torch.Tensor
     labels: torch.Tensor  # -100 where there is no target token
     task_ids: torch.Tensor
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
-            *(
-                t.to(device)
-                for t in (
-                    self.input_ids,
-                    self.attention_mask,
-                    self.decoder_input_ids,
-                    self.labels,
-                    self.task_ids,
-                )
-            )
+            self.source.to(device),
+            *(t.to(device) for t in (self.decoder_input_ids, self.labels, self.task_ids)),
         )
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "decoder_input_ids": self.decoder_input_ids,
-            "labels": self.labels,
-            "task_ids": self.task_ids,
-        }
 
+def length_buckets(lengths: Sequence[int], token_budget: int, rows: Sequence[int] | None = None) -> list[list[int]]:
+    """Indices grouped by length, each group's encoder rows x its longest length <= token_budget (at least one).
 
-def length_buckets(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Indices grouped by length, each group's size x its longest length <= token_budget (at least one row).
-
-    Rows are sorted by length first, so rows of similar length share a bucket and little is padded.
-    `token_budget` <= 0 means one bucket holding everything, in the original order.
+    An example is `rows[i]` encoder rows (its fields, when they are encoded apart; default 1) of at most
+    `lengths[i]` tokens. Examples are sorted by length first, so those of similar length share a bucket and
+    little is padded. `token_budget` <= 0 means one bucket holding everything, in the original order.
     """
     if token_budget <= 0 or not lengths:
         return [list(range(len(lengths)))] if lengths else []
+    rows = rows or [1] * len(lengths)
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     buckets: list[list[int]] = [[]]
+    used = 0
     for i in order:
-        # Sorted ascending, so row i is the longest of its bucket if it joins.
-        if buckets[-1] and (len(buckets[-1]) + 1) * lengths[i] > token_budget:
+        # Sorted ascending, so example i is the longest of its bucket if it joins.
+        if buckets[-1] and (used + rows[i]) * lengths[i] > token_budget:
             buckets.append([])
+            used = 0
         buckets[-1].append(i)
+        used += rows[i]
     return buckets
 
 
@@ -75,12 +63,17 @@ def collate_buckets(
     max_source_length: int,
     max_target_length: int,
     token_budget: int,
+    by_field: bool = False,
 ) -> list[Batch]:
-    """`collate` per length bucket (see the module docstring); tokenises every input once."""
-    lengths = [min(n, max_source_length) for n in backbone.count_tokens([e.input for e in examples])]
+    """`collate` per length bucket (see the module docstring); with `by_field`, an example's length is that of
+    its longest field and it counts one encoder row per field."""
+    pieces = [split_fields(e.input) if by_field else [e.input] for e in examples]
+    counts = iter(backbone.count_tokens([p for ps in pieces for p in ps]))
+    lengths = [min(max(next(counts) for _ in ps), max_source_length) for ps in pieces]
+    rows = [len(ps) for ps in pieces]
     return [
-        collate(backbone, [examples[i] for i in bucket], task_index, max_source_length, max_target_length)
-        for bucket in length_buckets(lengths, token_budget)
+        collate(backbone, [examples[i] for i in bucket], task_index, max_source_length, max_target_length, by_field)
+        for bucket in length_buckets(lengths, token_budget, rows)
     ]
 
 
@@ -90,8 +83,10 @@ def collate(
     task_index: dict[str, int],
     max_source_length: int,
     max_target_length: int,
+    by_field: bool = False,
 ) -> Batch:
-    source = backbone.tokenize([e.input for e in examples], max_source_length)
+    """Tensors of `examples`; `by_field`: each input's fields tokenised apart (PHAConfig.by_field)."""
+    source = make_source(backbone, [e.input for e in examples], max_source_length, by_field)
     targets = [backbone.target_ids(e.target)[:max_target_length] for e in examples]
     width = max(len(t) for t in targets)
     labels = torch.full((len(targets), width), -100, dtype=torch.long)
@@ -101,4 +96,4 @@ def collate(
         decoder_inputs[row, 0] = backbone.decoder_start_token_id
         decoder_inputs[row, 1 : len(ids)] = torch.tensor(ids[:-1])
     task_ids = torch.tensor([task_index[e.task] for e in examples], dtype=torch.long)
-    return Batch(source["input_ids"], source["attention_mask"], decoder_inputs, labels, task_ids)
+    return Batch(source, decoder_inputs, labels, task_ids)

@@ -45,7 +45,7 @@ def _model_config(args: argparse.Namespace, base: dict[str, Any]):
     ):
         if getattr(args, flag, None) is not None:
             backbone[key] = getattr(args, flag)
-    for flag in ("variant", "bottleneck", "proto_dim", "hyper_dim", "max_source_length", "lam"):
+    for flag in ("variant", "encoding", "bottleneck", "proto_dim", "hyper_dim", "max_source_length", "lam"):
         if getattr(args, flag, None) is not None:
             data[flag] = getattr(args, flag)
     return PHAConfig(backbone=BackboneConfig(**backbone), **data)
@@ -156,7 +156,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"pha: the checkpoint has no task(s) {unknown}; it knows {model.tasks}")
     data_dir = args.data_dir or recipe.get("data_dir")
-    tcfg = TrainConfig(tasks=tasks, data_dir=data_dir, n_train=1, seed=recipe.get("seed", 42), max_eval=args.max_eval)
+    tcfg = TrainConfig(
+        tasks=tasks, data_dir=data_dir, n_train=1, split_seed=recipe.get("split_seed", 42), max_eval=args.max_eval
+    )
     splits = load_data(tcfg)
     split = {t: s[args.split] for t, s in splits.items()}
     report = evaluate(model, split, batch_size=args.batch_size, decoding=args.decoding)
@@ -164,7 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         checkpoint=Path(args.checkpoint).name,
         split=args.split,
         max_eval=args.max_eval,
-        seed=tcfg.seed,
+        split_seed=tcfg.split_seed,
         decoding=args.decoding,
     )
     print(format_table(report))
@@ -237,10 +239,16 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         choices=["pha", "no_prototype", "no_retriever", "hyperformer", "adapter"],
         help="the method, an ablation (Table 3) or a baseline (default pha)",
     )
+    g.add_argument(
+        "--encoding",
+        choices=["fields", "joint"],
+        help="joint (default): the formatted text as one sequence; fields: each input field encoded apart, pooled "
+        "embeddings and pair features read by the decoder (measured worse on the demo recipe: docs/results.md)",
+    )
     g.add_argument("--bottleneck", type=int, help="adapter bottleneck b (64)")
     g.add_argument("--proto-dim", type=int, help="size of z, prototypes and layer embeddings (128)")
     g.add_argument("--hyper-dim", type=int, help="hypernetwork input d_I (32)")
-    g.add_argument("--max-source-length", type=int, help="input tokens kept (128)")
+    g.add_argument("--max-source-length", type=int, help="input tokens kept (256)")
     g.add_argument("--lam", type=float, help="weight lambda of L_IR + L_Pro (0.1)")
 
 
@@ -259,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, help="training examples per task, seeded (100); 0 = all")
     p.add_argument("--fraction", type=float, help="or a fraction of each task's train split")
     p.add_argument("--max-eval", type=int, help="validation/test rows per task used for evaluation (200)")
-    p.add_argument("--seed", type=int, help="seed of splits, sampling, mixing and init (42)")
+    p.add_argument("--seed", type=int, help="seed of the training sample, mixing and init (42)")
+    p.add_argument("--split-seed", type=int, help="seed of the train/validation/test splits and eval rows (42)")
     p.add_argument("--steps", type=int, help="optimizer steps (300)")
     p.add_argument("--batch-size", type=int, help="examples per step, mixed across tasks (32)")
     p.add_argument("--lr", type=float, help="AdamW peak learning rate (1e-3)")
@@ -278,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="storage dtype of the final checkpoint (float32); weights are rounded before the final eval",
     )
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="matmul precision (auto)")
-    p.add_argument("--token-budget", type=int, help="padded source tokens per length bucket (2048; 0 = no buckets)")
+    p.add_argument("--token-budget", type=int, help="padded source tokens per length bucket (4096; 0 = no buckets)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
     p.add_argument("--no-eval", action="store_true", help="skip the validation table at the end")
     _model_flags(p)

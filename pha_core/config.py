@@ -30,6 +30,12 @@ VARIANTS: tuple[str, ...] = ("pha", "no_prototype", "no_retriever", "hyperformer
 # the whole decoder 78.8%, so "all" is the default there and its parameters are counted as trainable.
 DecoderTrainable = Literal["none", "cross_attention", "all"]
 
+# How an input's fields reach the decoder (source.py): "joint" encodes the formatted text as one sequence (the
+# paper; the default); "fields" encodes each field apart and adds its pooled embedding and the pair features as
+# tokens of the memory. A frozen probe reads MiniLM far better with fields apart (0.576 vs 0.422), but PHA did
+# not: 0.414 vs 0.417 at 100 per task, 0.567 vs 0.649 on the demo recipe (docs/results.md §2), so it is opt-in.
+Encoding = Literal["fields", "joint"]
+
 
 @dataclass
 class BackboneConfig:
@@ -84,6 +90,7 @@ class PHAConfig:
     # means the same task (the reference code built this order from a Python set).
     tasks: list[str] = field(default_factory=list)
     variant: Variant = "pha"
+    encoding: Encoding = "joint"
     # Adapter bottleneck b (paper: 64 for encoder and decoder adapters).
     bottleneck: int = 64
     # Size of the retriever output z, the prototypes k_i and the layer embeddings e_m (paper: 128; the
@@ -110,6 +117,8 @@ class PHAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):
             self.backbone = BackboneConfig(**self.backbone)
+        if self.encoding not in ("fields", "joint"):
+            raise ValueError(f"encoding must be 'fields' or 'joint', got {self.encoding!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if len(set(self.tasks)) != len(self.tasks):
@@ -117,6 +126,11 @@ class PHAConfig:
         for name in ("bottleneck", "proto_dim", "retriever_hidden", "project_hidden", "hyper_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def by_field(self) -> bool:
+        """Whether inputs are cut into their fields before encoding (source.make_source)."""
+        return self.encoding == "fields"
 
     @property
     def uses_retriever(self) -> bool:
@@ -140,7 +154,7 @@ class PHAConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown PHA config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        return cls(**data)  # configs written before `encoding` existed were joint, its default
 
     def architecture(self) -> dict[str, Any]:
         """What must match between a checkpoint and the model it is loaded into."""

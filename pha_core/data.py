@@ -66,7 +66,8 @@ def split_task(task: str, raw: Mapping[str, list[Example]], seed: int = 42) -> d
       - raw data that already has all three splits (SciTail) is used as it is.
 
     Stand-ins for the files the data README says are missing (all seeded, all disjoint):
-      - MNLI, only dev_matched: test = 2000 seeded rows, validation = the next 1000, train = the rest (6815);
+      - MNLI, only dev_matched: split by premise (the data README's rule; no premise in two splits): whole
+        premise groups in a seeded order fill test to >= 2000 rows, then validation to >= 1000, train the rest;
       - QQP, only a train subset: validation = 1000 seeded rows, test = the next 2000, train = the rest;
       - BoolQ, only its validation file: a seeded 1000-row pool is the few-shot source, split 500 train /
         500 validation; test = every other row (2270), so evaluation never sees a training row.
@@ -102,9 +103,8 @@ def split_task(task: str, raw: Mapping[str, list[Example]], seed: int = 42) -> d
 
 def _split_mnli(raw: Mapping[str, list[Example]], seed: int) -> dict[str, list[Example]]:
     matched = _need("mnli", raw, "validation_matched")
-    if "train" not in raw:  # the local stand-in: everything comes from dev_matched
-        test, validation, train = _cut(_shuffled(matched, seed), (MNLI_STANDIN_TEST, MNLI_STANDIN_VALIDATION))
-        return {"train": train, "validation": validation, "test": test}
+    if "train" not in raw:  # the local stand-in: everything comes from dev_matched, split by premise
+        return _split_by_premise(matched, seed)
     if "validation_mismatched" in raw:
         return {
             "train": list(raw["train"]),
@@ -113,6 +113,25 @@ def _split_mnli(raw: Mapping[str, list[Example]], seed: int) -> dict[str, list[E
         }
     validation, train = _cut(_shuffled(raw["train"], seed), (LARGE_VALIDATION,))
     return {"train": train, "validation": validation, "test": list(matched)}
+
+
+def _split_by_premise(rows: Sequence[Example], seed: int) -> dict[str, list[Example]]:
+    """Test, then validation, filled with whole premise groups in a seeded order; train gets the rest.
+
+    Most dev_matched premises carry three hypotheses, one per label: rows cut one by one put a premise's
+    siblings on both sides, and a model can answer a test row by elimination (458 of 500 test rows did).
+    Groups are whole, so test and validation reach at least their stand-in sizes, by less than one group more.
+    """
+    groups: dict[str, list[Example]] = {}
+    for row in rows:
+        groups.setdefault(row.fields[0] if row.fields else row.input, []).append(row)
+    order = _shuffled(list(groups), seed)
+    result: dict[str, list[Example]] = {"test": [], "validation": [], "train": []}
+    targets = (("test", MNLI_STANDIN_TEST), ("validation", MNLI_STANDIN_VALIDATION))
+    for premise in order:
+        split = next((name for name, size in targets if len(result[name]) < size), "train")
+        result[split] += groups[premise]
+    return {"train": result["train"], "validation": result["validation"], "test": result["test"]}
 
 
 def low_data(
@@ -144,12 +163,15 @@ def load_splits(
     n_train: int | None = None,
     fraction: float | None = None,
     max_eval: int | None = None,
+    sample_seed: int | None = None,
 ) -> dict[str, dict[str, list[Example]]]:
     """Read, split and sample several tasks: {task: {"train", "validation", "test"}}.
 
     Reads the local files under ``data_dir`` (Hugging Face when it is None), applies split_task, keeps a
     low-data sample of train when ``n_train`` or ``fraction`` is given, and caps validation and test at
-    ``max_eval`` seeded rows (for quick evaluations).
+    ``max_eval`` seeded rows (for quick evaluations). ``seed`` makes the splits and the capped evaluation
+    rows; ``sample_seed`` (default: ``seed``) draws the training sample, so runs with different sample seeds
+    are compared on the same validation and test rows.
     """
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks listed twice: {list(tasks)}")
@@ -160,7 +182,8 @@ def load_splits(
         raw = read_hf(task) if data_dir is None else read_local(task, Path(data_dir))
         splits = split_task(task, raw, seed=seed)
         if n_train is not None or fraction is not None:
-            splits["train"] = low_data(splits["train"], n=n_train, fraction=fraction, seed=seed)
+            draw = seed if sample_seed is None else sample_seed
+            splits["train"] = low_data(splits["train"], n=n_train, fraction=fraction, seed=draw)
         if max_eval is not None:
             for split in ("validation", "test"):
                 if len(splits[split]) > max_eval:

@@ -49,10 +49,8 @@ def predict_examples(
     given, retrieved, routes = [], [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        enc = bb.tokenize([e.input for e in chunk], cfg.max_source_length)
-        ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
         gold = model.task_ids([e.task for e in chunk])
-        hidden = model.encode(ids, mask, gold)
+        hidden, mask = model.encode(model.source([e.input for e in chunk]), gold)
         z = model.instance_vectors(hidden, mask) if model.retriever is not None else None
         given += answers(hidden, mask, model.decoder_adapters(gold, z), [e.task for e in chunk])
         if cfg.routes_by_prototype:
@@ -82,6 +80,8 @@ def evaluate(
         targets = [e.target for e in examples]
         entry: dict = {"n": len(examples), "given": task_metrics(task, out["given"], targets)}
         entry["given"]["score"] = score(task, entry["given"])
+        # 1 means a constant predictor on this task (for STS-B, expectations over bins are rarely equal).
+        entry["given_distinct"] = len(set(out["given"]))
         if out["retrieved"]:
             entry["retrieved"] = task_metrics(task, out["retrieved"], targets)
             entry["retrieved"]["score"] = score(task, entry["retrieved"])

@@ -103,6 +103,24 @@ class Engine:
         with self._tokenizer_lock:
             return [len(ids) for ids in self.backbone.tokenizer(texts, truncation=False).input_ids]
 
+    def truncate(self, texts: list[str], limit: int) -> list[tuple[str, int, int]]:
+        """Each text cut to at most `limit` tokens (special tokens included), at a token's end:
+        (text, tokens dropped, characters dropped). Texts within the limit come back unchanged."""
+        with self._tokenizer_lock:
+            enc = self.backbone.tokenizer(
+                texts, truncation=False, return_offsets_mapping=True, return_special_tokens_mask=True
+            )
+        out = []
+        for text, offsets, special in zip(texts, enc["offset_mapping"], enc["special_tokens_mask"], strict=True):
+            if len(offsets) <= limit:
+                out.append((text, 0, 0))
+                continue
+            content = [end for (_, end), is_special in zip(offsets, special, strict=True) if not is_special]
+            keep = limit - sum(special)
+            end = content[keep - 1] if keep > 0 else 0
+            out.append((text[:end], len(offsets) - limit, len(text) - end))
+        return out
+
     def can_represent(self, text: str) -> bool:
         """Whether a target text survives tokenize -> decode unchanged (e.g. no unknown characters)."""
         with self._tokenizer_lock:
@@ -113,13 +131,12 @@ class Engine:
     @torch.inference_mode()
     def encode(self, texts: list[str], adapters_on: bool = True) -> Encoded:
         with self._tokenizer_lock:
-            batch = self.backbone.tokenize(texts, self.config.max_source_length)
-        ids = batch["input_ids"].to(self.model.device)
-        mask = batch["attention_mask"].to(self.model.device)
+            source = self.model.source(texts)
         if not adapters_on:
             with self.model.adapter_switch.off():
-                return Encoded(self.backbone.encode(ids, mask), mask, None)
-        hidden = self.model.encode(ids, mask)
+                hidden, mask = self.model.encode(source)
+                return Encoded(hidden, mask, None)
+        hidden, mask = self.model.encode(source)
         z = None
         if self.model.retriever is not None:
             z = self.model.instance_vectors(hidden, mask).float().cpu().numpy()

@@ -1,6 +1,6 @@
 """The PHA model (paper section 3), top to bottom.
 
-    input x --encoder (frozen, + task-shared adapters on every FFN)--> h
+    input x --encoder (frozen, + task-shared adapters on every FFN)--> h   (each field apart: source.py)
     z   = G(mean(h))                                   instance-dense retriever (retriever.py)
     k_t = prototypes[t]  (training: gold task t; serving: t = argmax_i cos(k_i, z), Eq. 10)
     for each decoder layer m: adapter_m = H(C([k_t; e_m]))     (hypernetwork.py)
@@ -31,6 +31,7 @@ from .losses import (
     token_cross_entropy,
 )
 from .retriever import InstanceDenseRetriever, Retrieval, retrieve
+from .source import FieldTokens, Source, encode_by_length, joint_memory, make_source
 
 
 class PHAModel(nn.Module):
@@ -52,6 +53,8 @@ class PHAModel(nn.Module):
         self.decoder_context = AdapterContext(f"pha-decoder-{id(self)}")
         self.adapter_switch = AdapterSwitch(f"pha-adapters-on-{id(self)}")
 
+        # What the decoder reads besides the token states: the fields' pooled embeddings (source.py).
+        self.field_tokens = FieldTokens(d) if config.by_field else None
         # Task-shared encoder adapters (Hyperformer generates them per task instead).
         self.encoder_adapters = (
             None if config.variant == "hyperformer" else nn.ModuleList(Adapter(d, b) for _ in enc_sites)
@@ -104,17 +107,27 @@ class PHAModel(nn.Module):
         return next(self.parameters()).device
 
     # ----------------------------------------------------------------------------------- encoder + G
-    def encode(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Encoder hidden states with the encoder adapters (per task only for the Hyperformer baseline)."""
+    def source(self, texts: list[str]) -> Source:
+        """Tokenised encoder input of `texts`, cut into fields when this model encodes them apart."""
+        return make_source(self.backbone, texts, self.config.max_source_length, self.config.by_field).to(self.device)
+
+    def encode(self, source: Source, task_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the decoder reads, (memory [B, T, d], mask [B, T]): encoder states with the encoder adapters
+        (per task only for the Hyperformer baseline), assembled per input as `config.encoding` says."""
         enc_weights = None
         if self.config.variant == "hyperformer":
             if task_ids is None:
                 raise ValueError("the hyperformer variant needs the task of every input")
-            enc_weights = self._generated_weights(task_ids)[: self.n_encoder_layers]
+            enc_weights = [w.index_select(source.owner) for w in self._generated_weights(task_ids)]
+            enc_weights = enc_weights[: self.n_encoder_layers]
         with self.encoder_context.use(enc_weights):
-            return self.backbone.encode(input_ids, attention_mask)
+            if self.field_tokens is None or enc_weights is not None:  # per-row encoder adapters: one call
+                hidden = self.backbone.encode(source.segment_ids, source.segment_mask)
+            else:
+                hidden = encode_by_length(self.backbone.encode, source)
+        if self.field_tokens is None:
+            return joint_memory(hidden, source)
+        return self.field_tokens(hidden, source)
 
     def instance_vectors(self, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """z = G(mean(h)) (Eq. 2)."""
@@ -160,10 +173,10 @@ class PHAModel(nn.Module):
         buckets = [batch] if isinstance(batch, Batch) else list(batch)
         ce_sum, n_tokens, zs, task_ids = 0.0, 0, [], []
         for b in buckets:
-            h = self.encode(b.input_ids, b.attention_mask, b.task_ids)
-            z = self.instance_vectors(h, b.attention_mask) if self.retriever is not None else None
+            h, mask = self.encode(b.source, b.task_ids)
+            z = self.instance_vectors(h, mask) if self.retriever is not None else None
             with self.decoder_context.use(self.decoder_adapters(b.task_ids, z)):
-                logits, _ = self.backbone.decode(b.decoder_input_ids, h, b.attention_mask)
+                logits, _ = self.backbone.decode(b.decoder_input_ids, h, mask)
             ce_sum = ce_sum + token_cross_entropy(logits, b.labels, reduction="sum")
             n_tokens += int((b.labels != -100).sum())
             zs.append(z)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .model import PHAModel
+from .source import FIELD_SLOTS
 
 
 @dataclass
@@ -40,6 +41,12 @@ def parameter_report(model: PHAModel) -> list[Part]:
             _n(model.encoder_adapters),
             f"L_e*(2db+b+d) = {le}*{adapter}",
             le * adapter if model.encoder_adapters is not None else 0,
+        ),
+        Part(
+            f"field-token slots (encoding: {cfg.encoding})",
+            _n(model.field_tokens),
+            f"(max fields+2)*d = {FIELD_SLOTS}*{d}",
+            FIELD_SLOTS * d if model.field_tokens is not None else 0,
         ),
         Part("retriever G", _n(model.retriever), "dh+h+hp+p", d * h + h + h * p + p if model.retriever else 0),
         Part("task prototypes k_i", _n(model.prototypes), f"T*p = {t}*{p}", t * p if model.prototypes else 0),

@@ -26,9 +26,7 @@ def features(model: PHAModel, examples: list[Example], batch_size: int = 64) -> 
     pooled, zs = [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        enc = model.backbone.tokenize([e.input for e in chunk], model.config.max_source_length)
-        ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
-        hidden = model.encode(ids, mask)
+        hidden, mask = model.encode(model.source([e.input for e in chunk]))
         pooled.append(masked_mean(hidden, mask).float().cpu().numpy())
         zs.append(model.instance_vectors(hidden, mask).float().cpu().numpy())
     return np.concatenate(pooled), np.concatenate(zs)

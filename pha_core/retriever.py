@@ -31,19 +31,29 @@ class InstanceDenseRetriever(nn.Module):
 
 
 class Retrieval(NamedTuple):
-    """Eq. 10 for a batch: the best prototype per input, its cosine, and the margin to the runner-up."""
+    """Eq. 10 for a batch: the best prototype per input, its cosine, and the margin to the runner-up.
+
+    The one contract of routing, kept by the server's FAISS index too (service/routing.py): an empty table
+    raises LookupError, and with a single prototype there is no runner-up, so the margin is NaN (None there).
+    """
 
     indices: torch.Tensor  # [B, top_k] prototype rows, best first
     scores: torch.Tensor  # [B, top_k] cosine similarities
-    margin: torch.Tensor  # [B] best minus second best (best minus -1 when there is one prototype)
+    margin: torch.Tensor  # [B] best minus second best (NaN when there is one prototype)
+
+
+def cosine_scores(z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """cos(k_i, z) for every input z [B, D] and key k_i [T, D]: the similarity of Eq. 10, [B, T]."""
+    return F.normalize(z, dim=-1) @ F.normalize(keys, dim=-1).t()
 
 
 def retrieve(z: torch.Tensor, prototypes: torch.Tensor, top_k: int = 2) -> Retrieval:
     """k_a = argmax_i cos(k_i, z) for each z [B,D] over prototypes [T,D]."""
     if prototypes.size(0) == 0:
-        raise ValueError("no prototypes to retrieve from")
-    cos = F.normalize(z, dim=-1) @ F.normalize(prototypes, dim=-1).t()
-    k = min(top_k, prototypes.size(0))
-    scores, indices = cos.topk(max(k, 1), dim=-1)
-    runner_up = scores[:, 1] if k > 1 else torch.full_like(scores[:, 0], -1.0)
-    return Retrieval(indices, scores, scores[:, 0] - runner_up)
+        raise LookupError("no prototypes to retrieve from")
+    cos = cosine_scores(z, prototypes)
+    k = min(max(top_k, 2), prototypes.size(0))  # the runner-up is always looked at, for the margin
+    scores, indices = cos.topk(k, dim=-1)
+    runner_up = scores[:, 1] if k > 1 else torch.full_like(scores[:, 0], float("nan"))
+    keep = max(1, min(top_k, k))
+    return Retrieval(indices[:, :keep], scores[:, :keep], scores[:, 0] - runner_up)

@@ -17,7 +17,7 @@ import csv
 import json
 import string
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
@@ -35,11 +35,17 @@ class UnknownTaskError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One formatted example: the model input text, the target text, and the task it belongs to."""
+    """One formatted example: the model input text, the target text, and the task it belongs to.
+
+    ``fields`` keeps the row's field values in template order (TaskSpec.fields), for what reads the fields
+    apart (the frozen probe of bench/baselines.py embeds each one separately); empty when only the text is known.
+    It is derived from ``input``, so it takes no part in equality.
+    """
 
     input: str
     target: str
     task: str
+    fields: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -59,11 +65,11 @@ class TaskSpec:
     @property
     def fields(self) -> tuple[str, ...]:
         """The row fields the template reads, in template order (what a service request must provide)."""
-        return tuple(name for _, name, _, _ in string.Formatter().parse(self.template) if name)
+        return template_fields(self.template)
 
-    @property
-    def is_regression(self) -> bool:
-        return self.labels is None
+    def values(self, row: Mapping[str, object]) -> tuple[str, ...]:
+        """The row's field values in template order, stripped as format() strips them."""
+        return tuple(str(row[name]).strip() for name in self.fields)
 
     def format(self, row: Mapping[str, object]) -> str:
         """Fill the template from ``row``; surrounding whitespace of each value is dropped.
@@ -75,7 +81,7 @@ class TaskSpec:
         if missing:
             needed = list(self.fields)
             raise KeyError(f"{self.name}: row lacks field(s) {missing}; the template needs {needed}")
-        return self.template.format_map({name: str(row[name]).strip() for name in self.fields})
+        return fill_template(self.template, row)
 
     def has_empty_field(self, row: Mapping[str, object]) -> bool:
         """True when a field the template reads is blank: such a row has no usable input."""
@@ -95,6 +101,17 @@ class TaskSpec:
         elif isinstance(label, str) and label in self.labels:
             return label
         raise ValueError(f"label {label!r} is not one of {self.name}'s labels {list(self.labels)}")
+
+
+def template_fields(template: str) -> tuple[str, ...]:
+    """The placeholders of a template, in order: ``"premise: {premise} hypothesis: {hypothesis}"`` ->
+    ``("premise", "hypothesis")``."""
+    return tuple(name for _, name, _, _ in string.Formatter().parse(template) if name)
+
+
+def fill_template(template: str, row: Mapping[str, object]) -> str:
+    """The template filled from ``row`` (every placeholder must be there), each value stripped."""
+    return template.format_map({name: str(row[name]).strip() for name in template_fields(template)})
 
 
 def _stsb_target(label: object) -> str:
@@ -166,6 +183,20 @@ TASKS: Mapping[str, TaskSpec] = MappingProxyType(
             _spec("scitail", _NLI, ("entailment", "neutral"), ("allenai/scitail", "tsv_format")),
         )
     }
+)
+
+
+# The literal text before each field of the catalogue's templates ("premise:", "sentence2:", ...): where
+# source.split_fields cuts a formatted input into its fields.
+FIELD_MARKERS: tuple[str, ...] = tuple(
+    sorted(
+        {
+            literal.strip()
+            for spec in TASKS.values()
+            for literal, _, _, _ in string.Formatter().parse(spec.template)
+            if literal.strip()
+        }
+    )
 )
 
 
@@ -384,7 +415,7 @@ def read_file(task: str, path: Path, reader: RowReader | None = None) -> list[Ex
             target = spec.target(label)
         except ValueError as exc:
             raise DataError(f"{path}, line {number}: {exc}") from exc
-        examples.append(Example(input=spec.format(row), target=target, task=task))
+        examples.append(Example(input=spec.format(row), target=target, task=task, fields=spec.values(row)))
     return examples
 
 
@@ -462,5 +493,5 @@ def _hf_examples(spec: TaskSpec, where: str, rows: object, aliases: Mapping[obje
             target = spec.target(label)
         except ValueError as exc:
             raise DataError(f"{where}, row {number}: {exc}") from exc
-        examples.append(Example(input=spec.format(row), target=target, task=spec.name))
+        examples.append(Example(input=spec.format(row), target=target, task=spec.name, fields=spec.values(row)))
     return examples

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import runtime
 from .batching import collate_buckets
 from .checkpoint import TRAINER_FILE, load_checkpoint, read_meta, round_trainable, save_checkpoint
 from .config import PHAConfig
@@ -39,7 +40,10 @@ class TrainConfig:
     n_train: int | None = 100  # low-data regime: examples per task (None: all)
     fraction: float | None = None  # or a fraction of each task's train split
     max_eval: int | None = 200  # cap on validation/test rows per task for evaluations during training
+    # `seed` draws the training sample, the initialisation and the batch order; `split_seed` makes the
+    # train/validation/test splits and the capped evaluation rows, so seeds are compared on the same rows.
     seed: int = 42
+    split_seed: int = 42
     steps: int = 300
     batch_size: int = 32
     # The paper trains T5 with 3e-4 for many thousand steps; a short CPU run of the warm-started MiniLM
@@ -83,9 +87,8 @@ class TrainConfig:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """runtime.resolve_device as a torch.device."""
+    return torch.device(runtime.resolve_device(name))
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -203,7 +206,13 @@ def load_data(cfg: TrainConfig) -> dict[str, dict[str, list[Example]]]:
 
     data_dir = None if cfg.data_dir == "hf" else Path(cfg.data_dir) if cfg.data_dir else data_dir_from_env()
     return load_splits(
-        cfg.tasks, data_dir, seed=cfg.seed, n_train=cfg.n_train, fraction=cfg.fraction, max_eval=cfg.max_eval
+        cfg.tasks,
+        data_dir,
+        seed=cfg.split_seed,
+        n_train=cfg.n_train,
+        fraction=cfg.fraction,
+        max_eval=cfg.max_eval,
+        sample_seed=cfg.seed,
     )
 
 
@@ -265,6 +274,7 @@ class Trainer:
             self.model.config.max_source_length,
             self.model.config.max_target_length,
             self.cfg.token_budget,
+            self.model.config.by_field,
         )
         with autocast(self.precision, self.device):
             parts = self.ddp_model([b.to(self.device) for b in buckets])
@@ -309,7 +319,8 @@ class Trainer:
                 )
                 window = []
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and evaluate_fn:
-                self.history[-1]["validation"] = evaluate_fn(self.model, "validation")["average"]
+                with self.frozen.paused():  # evaluate the float32 model a checkpoint would hold
+                    self.history[-1]["validation"] = evaluate_fn(self.model, "validation")["average"]
                 self.model.train()  # evaluation leaves the model in eval mode
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
                 self.save()

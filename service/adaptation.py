@@ -64,6 +64,7 @@ class RegistrySync:
                     key=tensors.key,
                     adapters=tensors.adapters,
                     labels=task.labels,
+                    template=task.template,
                     examples=task.k,
                 )
         except Exception as exc:  # noqa: BLE001 - RegistryError, bad tensors, anything: an escape would end the follower

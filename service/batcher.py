@@ -39,6 +39,7 @@ class ItemResult:
     margin: float | None = None
     low_confidence: bool = False
     probabilities: dict[str, float] | None = None
+    candidates: int | None = None  # tasks routed among (None when pinned)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class WorkItem:
     backbone_only: bool
     future: asyncio.Future[ItemResult]
     enqueued: float = field(default_factory=time.perf_counter)
+    among: tuple[str, ...] | None = None  # route only among these tasks (a structured input's), None: all
 
     @property
     def live(self) -> bool:

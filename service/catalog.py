@@ -19,7 +19,7 @@ import numpy as np
 
 from pha_core.inference import AdapterSet
 from pha_core.scoring import AnswerSpace
-from pha_core.tasks import TASKS
+from pha_core.tasks import TASKS, template_fields
 
 from .routing import PrototypeIndex
 
@@ -106,6 +106,7 @@ class TaskCatalog:
         self._entries = {e.name: e for e in entries}
         self._listeners: list[Listener] = []
         self.version = 1
+        self._by_fields: tuple[int, dict] = (0, {})
         index.replace_all({name: e.routing_key for name, e in self._entries.items()})
 
     def __len__(self) -> int:
@@ -119,6 +120,25 @@ class TaskCatalog:
 
     def entries(self) -> list[TaskEntry]:
         return list(self._entries.values())
+
+    def templates_taking(self, fields: Iterable[str]) -> dict[str, tuple[str, ...]]:
+        """{template: task names} for the templates whose placeholders are exactly `fields` (structured inputs).
+
+        Built once per catalogue version, so a request costs a dict lookup, not a scan of every task.
+        """
+        version, index = self._by_fields
+        if version != self.version:
+            index = {}
+            for entry in self._entries.values():
+                if entry.template:
+                    per_template = index.setdefault(frozenset(template_fields(entry.template)), {})
+                    per_template[entry.template] = (*per_template.get(entry.template, ()), entry.name)
+            self._by_fields = (self.version, index)
+        return index.get(frozenset(fields), {})
+
+    def field_sets(self) -> list[list[str]]:
+        """Every template's fields, for error messages."""
+        return sorted({template_fields(e.template) for e in self._entries.values() if e.template})
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)

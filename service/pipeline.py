@@ -91,7 +91,7 @@ class Pipeline:
         to_route = [i for i, item in enumerate(items) if item.task is None]
         start = time.perf_counter()
         encoded = await self.runner(self.engine.encode, texts)
-        routes = await self.route(encoded.z[to_route]) if to_route else []
+        routes = await self.route(encoded.z[to_route], [items[i].among for i in to_route]) if to_route else []
         self.metrics.phase_seconds.labels("encode_route").observe(time.perf_counter() - start)
 
         decisions = self._decide(items, dict(zip(to_route, routes, strict=True)))
@@ -109,10 +109,27 @@ class Pipeline:
             result = ItemResult(output=answers[i].output, probabilities=answers[i].probabilities, **template)
             items[i].future.set_result(result)
 
-    async def route(self, vectors: np.ndarray) -> list[Route]:
-        """Nearest prototypes of `vectors` [B, dim], searched on the routing thread."""
+    async def route(self, vectors: np.ndarray, among: list[tuple[str, ...] | None] | None = None) -> list[Route]:
+        """Nearest prototypes of `vectors` [B, dim] (row i only among `among[i]` when given), on the routing
+        thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.router, self.index.search, vectors)
+        if among is None or all(a is None for a in among):
+            return await loop.run_in_executor(self.router, self.index.search, vectors)
+        return await loop.run_in_executor(self.router, self._search_groups, vectors, among)
+
+    def _search_groups(self, vectors: np.ndarray, among: list[tuple[str, ...] | None]) -> list[Route]:
+        """One search per distinct candidate set, results put back in row order."""
+        routes: list[Route | None] = [None] * len(among)
+        for candidates in dict.fromkeys(among):
+            rows = [i for i, a in enumerate(among) if a == candidates]
+            found = (
+                self.index.search(vectors[rows])
+                if candidates is None
+                else self.index.search_among(vectors[rows], candidates)
+            )
+            for i, route in zip(rows, found, strict=True):
+                routes[i] = route
+        return routes  # type: ignore[return-value]
 
     def _decide(self, items: list[WorkItem], routes: dict[int, Route]) -> list[tuple[TaskEntry, dict]]:
         """The task entry of every item, and its result fields. Refused items get their 422 here."""
@@ -141,7 +158,15 @@ class Pipeline:
             self.metrics.low_confidence.inc()
             if self.policy.action == "refuse" and item.live:
                 item.future.set_exception(_low_score_error(route, self.policy.min_score))
-        return {"task": entry.name, "routed": True, "score": route.score, "margin": route.margin, "low_confidence": low}
+        candidates = len(self.catalog) if item.among is None else len(item.among)
+        return {
+            "task": entry.name,
+            "routed": True,
+            "score": route.score,
+            "margin": route.margin,
+            "low_confidence": low,
+            "candidates": candidates,
+        }
 
     async def _adapters(self, entries: list[TaskEntry]) -> dict[str, AdapterSet]:
         """One adapter set per distinct task: the task's own explicit adapters, else fetched concurrently from

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 
 from pha_core.inference import Engine
+from pha_core.tasks import fill_template, template_fields
 
 from .batcher import ItemResult, MicroBatcher, WorkItem
 from .catalog import TaskCatalog
 from .errors import ServiceError
 from .limits import RequestLimits
 from .logging import annotate
-from .schemas import Prediction, PredictRequest, PredictResponse
+from .schemas import Prediction, PredictRequest, PredictResponse, RouteInfo, Truncation
 
 
 class Predictor:
@@ -26,18 +27,72 @@ class Predictor:
         self.limits = limits
 
     async def predict(self, request: PredictRequest) -> PredictResponse:
-        texts = request.texts
-        self.limits.check_texts(len(texts))
+        inputs = request.input_list
+        self.limits.check_texts(len(inputs))
         max_new = self.limits.new_tokens(request.max_new_tokens)
         self.limits.check_backbone_only(request.backbone_only)
         if not request.backbone_only:
             self._check_task(request.task)
+        texts, among = self._formatted(inputs, request.task)
         # Tokenizing a large body takes milliseconds: off the event loop, and not on the model thread's queue.
-        counts = await asyncio.to_thread(self.engine.count_tokens, texts)
-        self.limits.check_token_counts(counts)
-        results = await self._run(texts, request.task, max_new, request.backbone_only)
+        cuts = [(text, 0, 0) for text in texts]
+        if request.truncate:
+            cuts = await asyncio.to_thread(self.engine.truncate, texts, self.limits.model_max_tokens)
+            texts = [text for text, _, _ in cuts]
+        else:
+            self.limits.check_token_counts(await asyncio.to_thread(self.engine.count_tokens, texts))
+        results = await self._run(texts, among, request.task, max_new, request.backbone_only)
         annotate(texts=len(texts), tasks=sorted({r.task or "-" for r in results}))
-        return PredictResponse(predictions=[Prediction(**vars(r)) for r in results], model=self.engine.model_version)
+        predictions = [_prediction(r, tokens, chars) for r, (_, tokens, chars) in zip(results, cuts, strict=True)]
+        return PredictResponse(predictions=predictions, model=self.engine.model_version)
+
+    def _formatted(
+        self, inputs: list[str | dict[str, str]], task: str | None
+    ) -> tuple[list[str], list[tuple[str, ...] | None]]:
+        """Texts to encode, and for each the tasks it may be routed among (None: every task).
+
+        A structured input is written with the template of the tasks that take exactly its fields; pinned to a
+        task, its fields must be that task's.
+        """
+        texts, among = [], []
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                texts.append(item)
+                among.append(None)
+                continue
+            template, names = self._template_for(i, item, task)
+            texts.append(fill_template(template, item))
+            among.append(None if task is not None else names)
+        return texts, among
+
+    def _template_for(self, i: int, item: dict[str, str], task: str | None) -> tuple[str, tuple[str, ...]]:
+        given = sorted(item)
+        if task is not None:
+            entry = self.catalog.get(task)
+            template = entry.template if entry is not None else None
+            if template is None:
+                raise ServiceError(
+                    422, f"task {task!r} has no template, so inputs[{i}] must be a text, not fields", reason="invalid"
+                )
+            if sorted(template_fields(template)) != given:
+                raise ServiceError(
+                    422,
+                    f"inputs[{i}] has fields {given}; task {task!r} takes {list(template_fields(template))}",
+                    reason="invalid",
+                )
+            return template, (task,)
+        templates = self.catalog.templates_taking(given)
+        if not templates:
+            raise ServiceError(
+                422,
+                f"inputs[{i}] has fields {given}, and no task takes exactly those; the tasks take "
+                f"{self.catalog.field_sets()[:20]} (GET /prototypes), or send a text",
+                reason="invalid",
+            )
+        # Tasks sharing fields nearly always share the template (rte, mrpc, stsb); else the first one's is used
+        # and routing stays among the tasks written that way.
+        template, names = next(iter(templates.items()))
+        return template, names
 
     def _check_task(self, task: str | None) -> None:
         if task is None:
@@ -57,9 +112,14 @@ class Predictor:
                 reason="task",
             )
 
-    async def _run(self, texts: list[str], task: str | None, max_new: int, plain: bool) -> list[ItemResult]:
+    async def _run(
+        self, texts: list[str], among: list[tuple[str, ...] | None], task: str | None, max_new: int, plain: bool
+    ) -> list[ItemResult]:
         loop = asyncio.get_running_loop()
-        items = [WorkItem(text, task, max_new, plain, loop.create_future()) for text in texts]
+        items = [
+            WorkItem(text, task, max_new, plain, loop.create_future(), among=candidates)
+            for text, candidates in zip(texts, among, strict=True)
+        ]
         for item in items:
             self.batcher.submit(item)
         try:
@@ -69,3 +129,27 @@ class Predictor:
             for item in items:
                 if not item.future.cancel() and not item.future.cancelled():
                     item.future.exception()  # mark a second failure as seen (the first one is raised)
+
+
+def _prediction(result: ItemResult, tokens_cut: int, characters_cut: int) -> Prediction:
+    route = None
+    if result.task is not None:
+        route = RouteInfo(
+            task=result.task,
+            routed=result.routed,
+            cosine=result.score,
+            margin=result.margin,
+            candidates=result.candidates,
+            low_confidence=result.low_confidence,
+        )
+    return Prediction(
+        output=result.output,
+        task=result.task,
+        routed=result.routed,
+        score=result.score,
+        margin=result.margin,
+        low_confidence=result.low_confidence,
+        probabilities=result.probabilities,
+        route=route,
+        truncated=Truncation(tokens=tokens_cut, characters=characters_cut) if tokens_cut else None,
+    )

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 MANIFEST = "manifest.json"
 # Lower-case letters, digits and . _ -; starts with a letter or digit; no path separators or control characters.
@@ -62,6 +61,7 @@ class RegisteredTask:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     labels: list[str] | None = None
     heldout: dict[str, float] | None = None
+    template: str | None = None
 
 
 @dataclass
@@ -163,7 +163,3 @@ def _atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def entry_dict(task: RegisteredTask) -> dict[str, Any]:
-    return asdict(task)

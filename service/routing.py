@@ -84,13 +84,14 @@ class PrototypeIndex:
 
     def upsert(self, task: str, vector: np.ndarray) -> None:
         with self._lock:
-            self._vectors[task] = self._checked(task, vector)
+            self._vectors = {**self._vectors, task: self._checked(task, vector)}  # copy-on-write: see search_among
             self._publish()
 
     def remove(self, task: str) -> bool:
         with self._lock:
-            if self._vectors.pop(task, None) is None:
+            if task not in self._vectors:
                 return False
+            self._vectors = {name: v for name, v in self._vectors.items() if name != task}
             self._publish()
             return True
 
@@ -105,6 +106,25 @@ class PrototypeIndex:
         k = min(2, snap.index.ntotal)
         scores, ids = snap.index.search(q, k)
         return [self._route(snap, s, i) for s, i in zip(scores, ids, strict=True)]
+
+    def search_among(self, queries: np.ndarray, tasks: tuple[str, ...]) -> list[Route]:
+        """The best of `tasks` for each row of `queries` (exact cosine over those tasks' keys; structured inputs
+        narrow routing to the tasks whose templates take their fields). Unknown names are skipped."""
+        vectors = self._vectors  # replaced whole on every change, never mutated: one consistent read
+        names = [t for t in tasks if t in vectors]
+        if not names:
+            raise LookupError(f"none of the tasks {list(tasks)[:5]} is in the index")
+        keys = np.stack([vectors[t] for t in names])
+        scores = normalise(queries) @ keys.T
+        order = np.argsort(-scores, axis=1)[:, :2]
+        return [
+            Route(
+                task=names[row[0]],
+                score=float(s[row[0]]),
+                margin=float(s[row[0]] - s[row[1]]) if len(row) > 1 else None,
+            )
+            for s, row in zip(scores, order, strict=True)
+        ]
 
     @staticmethod
     def _route(snap: _Snapshot, scores: np.ndarray, ids: np.ndarray) -> Route:

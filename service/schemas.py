@@ -7,6 +7,7 @@ max_new_tokens) are checked by limits.py, whose messages name the setting.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -29,6 +30,28 @@ def _check_text(text: str, where: str) -> str:
 def _json_type(value: object) -> str:
     names = {bool: "a boolean", int: "a number", float: "a number", dict: "an object", type(None): "null"}
     return names.get(type(value), type(value).__name__)
+
+
+# A structured input: field name -> value, e.g. {"premise": "...", "hypothesis": "..."}.
+FieldsInput = Annotated[dict[StrictStr, StrictStr], Field(min_length=1, max_length=16)]
+FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def _check_input(value: object, where: str) -> object:
+    """A text, or an object of non-empty string fields with identifier names."""
+    if isinstance(value, str):
+        return _check_text(value, where)
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a string or an object of fields, not {_json_type(value)}")
+    if not value:
+        raise ValueError(f'{where} is an empty object; send the task\'s fields, e.g. {{"sentence": "..."}}')
+    for name, text in value.items():
+        if not FIELD_NAME.fullmatch(name):
+            raise ValueError(f"{where} has a field named {name[:64]!r}; field names are identifiers (GET /prototypes)")
+        if not isinstance(text, str):
+            raise ValueError(f"{where}.{name} must be a string, not {_json_type(text)}")
+        _check_text(text, f"{where}.{name}")
+    return value
 
 
 class FieldError(BaseModel):
@@ -57,8 +80,11 @@ class PredictRequest(BaseModel):
         },
     )
 
-    inputs: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] = Field(
-        description="one text, or a list of texts, written the way the task's template says (GET /prototypes)"
+    inputs: StrictStr | FieldsInput | Annotated[list[StrictStr | FieldsInput], Field(min_length=1)] = Field(
+        description="one input or a list. An input is a text written the way the task's template says (GET "
+        '/prototypes), or an object of the template\'s fields ({"premise": ..., "hypothesis": ...}): the server '
+        "fills the template, and without `task` routes only among the tasks whose templates take exactly those "
+        "fields"
     )
     task: StrictStr | None = Field(
         None, description="pin a task (skips retrieval); without it the prototype retriever picks one per input"
@@ -68,36 +94,54 @@ class PredictRequest(BaseModel):
         description="tokens to generate per input, for tasks that generate freely (default: the model's target "
         "length, capped by the server); tasks with label words always answer with a whole label",
     )
+    truncate: StrictBool = Field(
+        False,
+        description="cut inputs longer than the model's window (the response's `truncated` says how much) "
+        "instead of answering 422",
+    )
     # Benchmark switch (PHA_ALLOW_BACKBONE_ONLY): the backbone without adapters. Hidden from the public schema.
     backbone_only: SkipJsonSchema[StrictBool] = False
 
     @field_validator("inputs", mode="before")
     @classmethod
     def _inputs_type(cls, value: object) -> object:
-        """One clear message instead of pydantic's two (one per member of the union)."""
-        if isinstance(value, str):
-            return value
+        """One clear message instead of pydantic's one per member of the union."""
+        if isinstance(value, str | dict):
+            return _check_input(value, "inputs")
         if not isinstance(value, list):
-            raise ValueError(f"inputs must be a string or a list of strings, not {_json_type(value)}")
+            raise ValueError(f"inputs must be a string, an object of fields or a list, not {_json_type(value)}")
         if not value:
             raise ValueError("inputs is an empty list; send at least one text")
-        for i, text in enumerate(value):
-            if not isinstance(text, str):
-                raise ValueError(f"inputs[{i}] must be a string, not {_json_type(text)}")
-        return value
-
-    @field_validator("inputs")
-    @classmethod
-    def _inputs(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, str):
-            return _check_text(value, "inputs")
-        for i, text in enumerate(value):
-            _check_text(text, f"inputs[{i}]")
-        return value
+        return [_check_input(item, f"inputs[{i}]") for i, item in enumerate(value)]
 
     @property
-    def texts(self) -> list[str]:
-        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+    def input_list(self) -> list[str | dict[str, str]]:
+        """The inputs as a list: texts and field objects, in request order."""
+        return list(self.inputs) if isinstance(self.inputs, list) else [self.inputs]
+
+
+class RouteInfo(BaseModel):
+    """How the answering task was chosen."""
+
+    task: str = Field(description="the task whose adapters answered")
+    routed: bool = Field(description="true: the retriever chose it (Eq. 10); false: the request pinned it")
+    cosine: float | None = Field(None, description="cosine of the input to the task's routing key (null when pinned)")
+    margin: float | None = Field(
+        None, description="cosine minus the runner-up candidate's (null when pinned or the only candidate)"
+    )
+    candidates: int | None = Field(
+        None,
+        description="tasks the input was routed among: every task, or those whose templates take the fields "
+        "of a structured input (null when pinned)",
+    )
+    low_confidence: bool = Field(False, description="routed with a cosine below the server's min_route_score")
+
+
+class Truncation(BaseModel):
+    """What `truncate: true` cut from an input longer than the model's window."""
+
+    tokens: int = Field(description="tokens dropped from the end")
+    characters: int = Field(description="characters dropped from the end of the (formatted) text")
 
 
 class Prediction(BaseModel):
@@ -105,16 +149,19 @@ class Prediction(BaseModel):
         description="the answer: the most probable label word for tasks with labels (rank classification), the "
         "expected score for STS-B, generated text otherwise"
     )
-    task: str | None = Field(description="the task whose adapters answered (null for backbone_only)")
-    routed: bool = Field(description="true when the retriever chose the task, false when the request pinned it")
-    score: float | None = Field(None, description="cosine of the input to the chosen prototype (null when pinned)")
-    margin: float | None = Field(None, description="score minus the runner-up's score (null when pinned or alone)")
-    low_confidence: bool = Field(False, description="routed with a score below the server's min_route_score")
+    # The fields below predate `route` and repeat it; kept so that v1 clients keep working.
+    task: str | None = Field(description="the task whose adapters answered (null for backbone_only); = route.task")
+    routed: bool = Field(description="= route.routed")
+    score: float | None = Field(None, description="= route.cosine")
+    margin: float | None = Field(None, description="= route.margin")
+    low_confidence: bool = Field(False, description="= route.low_confidence")
     probabilities: dict[str, float] | None = Field(
         None,
         description="probability of every label of the answering task (its label sequences scored by the decoder, "
         "normalised over the labels); null when the output was generated freely",
     )
+    route: RouteInfo | None = Field(None, description="how the task was chosen (null for backbone_only)")
+    truncated: Truncation | None = Field(None, description="what was cut (null: the input was read whole)")
 
 
 class PredictResponse(BaseModel):
@@ -277,3 +324,32 @@ class Deleted(BaseModel):
     name: str
     deleted: Literal[True] = True
     registry_version: int
+
+
+class ImportRequest(BaseModel):
+    """A prototype-mode task made elsewhere: exported from another deployment of the same model
+    (GET /prototypes/{name}?include_vector=true), or written by `pha adapt` / `pha train` offline."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "vector": [0.12, -0.3, 0.05],
+                    "key": None,
+                    "labels": ["entailment", "contradiction", "neutral"],
+                    "template": "premise: {premise} hypothesis: {hypothesis}",
+                    "model": "3f2a9c0d1e7b",
+                }
+            ]
+        },
+    )
+    vector: list[float] = Field(min_length=1, description="the prototype the hypernetwork reads (proto_dim floats)")
+    key: list[float] | None = Field(None, description="the routing key in z space (default: the prototype)")
+    labels: list[StrictStr] | None = Field(None, description="label words (null: the task generates freely)")
+    template: StrictStr | None = Field(None, description="how inputs are written; placeholders are field names")
+    model: StrictStr | None = Field(
+        None, description="model version the prototype was made for (GET /readyz); refused (409) when different"
+    )
+    examples: StrictInt | None = Field(None, ge=0, description="examples it was learnt from, when known")
+    replace: StrictBool = Field(False, description="overwrite an adapted task of the same name")

@@ -1,7 +1,7 @@
 """All service settings, from `PHA_*` environment variables (pydantic-settings). Defaults need none of them.
 
 One class for the API, the worker and the CLI, so docker-compose, Kubernetes and `pha serve` can only name
-settings that exist (tests/test_deploy.py checks the deployment files against this class).
+settings that exist (tests/deploy/test_deploy_files.py checks the deployment files against this class).
 """
 
 from __future__ import annotations

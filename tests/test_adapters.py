@@ -9,9 +9,8 @@ from pha_core.backbones import build_backbone
 from pha_core.model import PHAModel
 
 
-def _inputs(model):
-    enc = model.backbone.tokenize(["sentence: a fine film", "premise: it rains hypothesis: it is wet"], 32)
-    return enc["input_ids"], enc["attention_mask"]
+def _source(model):
+    return model.source(["sentence: a fine film", "premise: it rains hypothesis: it is wet"])
 
 
 def _zero_weights(model, batch):
@@ -31,10 +30,13 @@ def test_zero_adapters_equal_the_plain_backbone(kind):
     model = PHAModel(cfg).eval()
     # Same frozen weights in both: copy the plain backbone's weights into the wrapped one.
     model.backbone.load_state_dict(_remap(state, model.backbone.state_dict().keys()))
-    ids, mask = _inputs(model)
+    source = _source(model)
     with torch.no_grad():
-        h_plain = plain.encode(ids, mask)
-        h_pha = model.encode(ids, mask)  # shared encoder adapters start with W_up = 0
+        h_plain = plain.encode(source.segment_ids, source.segment_mask)
+        h_pha = model.backbone.encode(source.segment_ids, source.segment_mask)  # encoder adapters start at W_up = 0
+        assert torch.equal(h_plain, h_pha)
+        h_plain, mask = model.field_tokens(h_plain, source) if model.field_tokens is not None else (h_plain, None)
+        h_pha, mask = model.encode(source)
         assert torch.equal(h_plain, h_pha)
         dec_in = torch.full((2, 3), model.backbone.decoder_start_token_id)
         logits_plain, _ = plain.decode(dec_in, h_plain, mask)
@@ -63,11 +65,11 @@ def test_adapter_switch_turns_every_adapter_off():
     model = PHAModel(tiny_config()).eval()
     for adapter in model.encoder_adapters:
         torch.nn.init.normal_(adapter.up.weight)
-    ids, mask = _inputs(model)
+    source = _source(model)
     with torch.no_grad():
-        on = model.encode(ids, mask)
+        on, _ = model.encode(source)
         with model.adapter_switch.off():
-            off = model.encode(ids, mask)
+            off, _ = model.encode(source)
         assert not torch.allclose(on, off)
 
 

@@ -23,9 +23,10 @@ def test_buckets_cover_every_row_once_within_budget():
     assert length_buckets([900], 512) == [[0]]  # a row longer than the budget still gets its own bucket
 
 
-def test_bucketed_loss_equals_the_whole_batch():
+@pytest.mark.parametrize("encoding", ["joint", "fields"])
+def test_bucketed_loss_equals_the_whole_batch(encoding):
     torch.manual_seed(0)
-    model = PHAModel(tiny_config()).eval()  # eval: no dropout, so both passes see the same network
+    model = PHAModel(tiny_config(encoding=encoding)).eval()  # eval: no dropout, so both passes see the same network
     examples = (
         [Example("sentence: " + "very " * n + "good", "positive", "sst2") for n in (1, 2, 30)]
         + [Example("sentence1: " + "a b " * n + ". sentence2: c", "entailment", "rte") for n in (1, 12, 40)]
@@ -33,8 +34,8 @@ def test_bucketed_loss_equals_the_whole_batch():
     )
     index = {t: i for i, t in enumerate(model.tasks)}
     with torch.no_grad():
-        whole = model(collate(model.backbone, examples, index, 256, 8))
-        buckets = collate_buckets(model.backbone, examples, index, 256, 8, token_budget=64)
+        whole = model(collate(model.backbone, examples, index, 256, 8, by_field=model.config.by_field))
+        buckets = collate_buckets(model.backbone, examples, index, 256, 8, token_budget=64, by_field=model.config.by_field)
         parts = model(buckets)
     assert len(buckets) > 2
     for name in ("total", "ce", "ir", "pro"):

@@ -64,6 +64,20 @@ def test_mnli_standin_carves_everything_from_dev_matched() -> None:
     assert_disjoint_cover(splits, raw["validation_matched"])
 
 
+def test_mnli_standin_never_puts_one_premise_in_two_splits() -> None:
+    rows = [
+        Example(f"premise: p{i} hypothesis: h{j}", "x", "mnli", fields=(f"p{i}", f"h{j}"))
+        for i in range(1500)
+        for j in range(3)
+    ]
+    splits = split_task("mnli", {"validation_matched": rows})
+    premises = {name: {ex.fields[0] for ex in part} for name, part in splits.items()}
+    assert not premises["train"] & premises["test"] and not premises["train"] & premises["validation"]
+    assert not premises["validation"] & premises["test"]
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [1497, 1002, 2001]
+    assert_disjoint_cover(splits, rows)
+
+
 def test_mnli_full_files_use_mismatched_and_matched() -> None:
     train, matched = examples("mnli", 2000, "t"), examples("mnli", 10, "m")
     mismatched = examples("mnli", 12, "mm")
@@ -297,7 +311,7 @@ REAL_SPLIT_SIZES = {
     "stsb": (5749, 750, 750),
     "mrpc": (3668, 204, 204),
     "qqp": (20497, 1000, 2000),
-    "mnli": (6815, 1000, 2000),
+    "mnli": (6813, 1001, 2001),  # whole premise groups: a split ends with the group that fills it
     "qnli": (9475, 1000, 5463),
     "rte": (2490, 138, 139),
     "boolq": (500, 500, 2270),
@@ -333,6 +347,10 @@ def test_real_standin_splits_share_no_text(real_raw: dict[str, dict[str, list[Ex
         assert not inputs["train"] & inputs["test"]
         assert not inputs["train"] & inputs["validation"]
         assert not inputs["validation"] & inputs["test"]
+    # MNLI by premise (data README): dev_matched carries up to three hypotheses per premise.
+    premises = {split: {ex.fields[0] for ex in rows} for split, rows in split_task("mnli", real_raw["mnli"]).items()}
+    assert not premises["train"] & premises["test"] and not premises["validation"] & premises["test"]
+    assert not premises["train"] & premises["validation"]
 
 
 @pytest.mark.data
@@ -346,3 +364,12 @@ def test_real_load_splits_low_data(data_dir: Path) -> None:
     assert all(len(splits["test"]) <= 50 for splits in loaded.values())
     mixer = ProportionalMixer({task: splits["train"] for task, splits in loaded.items()}, batch_size=30)
     assert {ex.task for ex in next(mixer)} == {"rte", "boolq", "cb"}
+
+
+@pytest.mark.data
+def test_sample_seed_changes_the_training_sample_only(data_dir: Path) -> None:
+    one = load_splits(["rte", "mnli"], data_dir, seed=42, n_train=50, max_eval=40, sample_seed=0)
+    two = load_splits(["rte", "mnli"], data_dir, seed=42, n_train=50, max_eval=40, sample_seed=1)
+    for task in ("rte", "mnli"):
+        assert one[task]["test"] == two[task]["test"] and one[task]["validation"] == two[task]["validation"]
+        assert one[task]["train"] != two[task]["train"]

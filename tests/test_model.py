@@ -48,8 +48,9 @@ def test_every_variant_trains_and_generates(variant):
     assert bool(out["retrieved"]) == (variant == "pha")
 
 
-def test_mixed_task_batch_equals_one_task_at_a_time():
-    model = _trained(tiny_config(), steps=3)
+@pytest.mark.parametrize("encoding", ["joint", "fields"])
+def test_mixed_task_batch_equals_one_task_at_a_time(encoding):
+    model = _trained(tiny_config(encoding=encoding), steps=3)
     mixed = predict_examples(model, EXAMPLES, batch_size=len(EXAMPLES), max_new_tokens=6)["given"]
     alone = []
     for ex in EXAMPLES:
@@ -57,16 +58,16 @@ def test_mixed_task_batch_equals_one_task_at_a_time():
     assert mixed == alone
     # And the logits agree, not only the argmax: per-example adapters never leak across rows.
     index = {t: i for i, t in enumerate(model.tasks)}
-    batch = collate(model.backbone, EXAMPLES, index, 64, 8)
+    batch = collate(model.backbone, EXAMPLES, index, 64, 8, by_field=model.config.by_field)
     with torch.no_grad():
-        h = model.encode(batch.input_ids, batch.attention_mask)
+        h, mask = model.encode(batch.source)
         with model.decoder_context.use(model.decoder_adapters(batch.task_ids)):
-            logits, _ = model.backbone.decode(batch.decoder_input_ids, h, batch.attention_mask)
+            logits, _ = model.backbone.decode(batch.decoder_input_ids, h, mask)
         for row, ex in enumerate(EXAMPLES):
-            one = collate(model.backbone, [ex], index, 64, 8)
-            h1 = model.encode(one.input_ids, one.attention_mask)
+            one = collate(model.backbone, [ex], index, 64, 8, by_field=model.config.by_field)
+            h1, mask1 = model.encode(one.source)
             with model.decoder_context.use(model.decoder_adapters(one.task_ids)):
-                logits1, _ = model.backbone.decode(one.decoder_input_ids, h1, one.attention_mask)
+                logits1, _ = model.backbone.decode(one.decoder_input_ids, h1, mask1)
             width = logits1.size(1)
             assert torch.allclose(logits[row, :width], logits1[0], atol=1e-4)
 
@@ -85,9 +86,8 @@ def test_save_load_gives_bit_identical_generations(tmp_path, kind):
 
 
 def _encoded(model):
-    enc = model.backbone.tokenize([e.input for e in EXAMPLES], 64)
     with torch.no_grad():
-        return model.encode(enc["input_ids"], enc["attention_mask"]), enc["attention_mask"]
+        return model.encode(model.source([e.input for e in EXAMPLES]))
 
 
 def _gold(model):
@@ -149,9 +149,8 @@ def test_unknown_task_names_are_refused():
 
 def test_hyperformer_needs_the_task():
     model = PHAModel(tiny_config(variant="hyperformer"))
-    ids, mask = (model.backbone.tokenize(["x"], 8)[k] for k in ("input_ids", "attention_mask"))
     with pytest.raises(ValueError, match="needs the task"):
-        model.encode(ids, mask)
+        model.encode(model.source(["x"]))
 
 
 def test_config_rejects_bad_values():

@@ -29,7 +29,7 @@ def test_default_backbone_loads_trains_and_generates():
     assert model.backbone.d_model == 384 and model.n_encoder_layers == 6
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
     index = {t: i for i, t in enumerate(model.tasks)}
-    batch = collate(model.backbone, EXAMPLES, index, 64, 8)
+    batch = collate(model.backbone, EXAMPLES, index, 64, 8, by_field=model.config.by_field)
     losses = []
     for _ in range(8):
         parts = model(batch)

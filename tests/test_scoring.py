@@ -25,24 +25,22 @@ def model():
 
 def _encoded(model, examples):
     index = {t: i for i, t in enumerate(model.tasks)}
-    batch = collate(model.backbone, examples, index, 64, 8)
-    hidden = model.encode(batch.input_ids, batch.attention_mask)
-    return batch, hidden
+    batch = collate(model.backbone, examples, index, 64, 8, by_field=model.config.by_field)
+    hidden, mask = model.encode(batch.source)
+    return batch, hidden, mask
 
 
 @torch.no_grad()
 def test_scores_equal_teacher_forced_log_likelihood(model):
     ex = EXAMPLES[2]
     space = AnswerSpace.of_task("mnli")
-    batch, hidden = _encoded(model, [ex])
+    batch, hidden, mask = _encoded(model, [ex])
     adapters = model.decoder_adapters(batch.task_ids)
-    (scores,) = label_log_likelihoods(
-        model, hidden, batch.attention_mask, adapters, [candidate_ids(model.backbone, space)]
-    )
+    (scores,) = label_log_likelihoods(model, hidden, mask, adapters, [candidate_ids(model.backbone, space)])
     for word, score in zip(space.words, scores.tolist(), strict=True):
         one = collate(model.backbone, [Example(ex.input, word, ex.task)], {ex.task: 0}, 64, 8)
         with model.decoder_context.use(adapters):
-            logits, _ = model.backbone.decode(one.decoder_input_ids, hidden, batch.attention_mask)
+            logits, _ = model.backbone.decode(one.decoder_input_ids, hidden, mask)
         n = int((one.labels != -100).sum())
         ce = torch.nn.functional.cross_entropy(logits[0], one.labels[0], ignore_index=-100, reduction="sum")
         assert score == pytest.approx(-float(ce), abs=1e-4), (word, n)
@@ -51,11 +49,11 @@ def test_scores_equal_teacher_forced_log_likelihood(model):
 @torch.no_grad()
 def test_mixed_task_batch_equals_one_at_a_time(model):
     spaces = [AnswerSpace.of_task(e.task) for e in EXAMPLES]
-    batch, hidden = _encoded(model, EXAMPLES)
-    mixed = rank(model, hidden, batch.attention_mask, model.decoder_adapters(batch.task_ids), spaces)
+    batch, hidden, mask = _encoded(model, EXAMPLES)
+    mixed = rank(model, hidden, mask, model.decoder_adapters(batch.task_ids), spaces)
     for i, ex in enumerate(EXAMPLES):
-        b1, h1 = _encoded(model, [ex])
-        (alone,) = rank(model, h1, b1.attention_mask, model.decoder_adapters(b1.task_ids), [spaces[i]])
+        b1, h1, m1 = _encoded(model, [ex])
+        (alone,) = rank(model, h1, m1, model.decoder_adapters(b1.task_ids), [spaces[i]])
         assert alone.output == mixed[i].output
         for word, p in alone.probabilities.items():
             assert mixed[i].probabilities[word] == pytest.approx(p, abs=1e-5)
@@ -66,10 +64,8 @@ def test_every_answer_is_a_label_with_probabilities(model):
     for ex, given, retrieved, route in zip(EXAMPLES * 3, out["given"], out["retrieved"], out["routes"], strict=True):
         assert given in AnswerSpace.of_task(ex.task).words
         assert retrieved in AnswerSpace.of_task(route).words + STSB_BINS or float(retrieved) >= 0
-    batch, hidden = _encoded(model, EXAMPLES)
-    scored = rank(
-        model, hidden, batch.attention_mask, model.decoder_adapters(batch.task_ids), [AnswerSpace.of_task("rte")] * 3
-    )
+    batch, hidden, mask = _encoded(model, EXAMPLES)
+    scored = rank(model, hidden, mask, model.decoder_adapters(batch.task_ids), [AnswerSpace.of_task("rte")] * 3)
     for s in scored:
         assert set(s.probabilities) == {"entailment", "not_entailment"}
         assert sum(s.probabilities.values()) == pytest.approx(1.0)

@@ -1,13 +1,21 @@
-"""GET /prototypes and GET /prototypes/{name}: the tasks this server can answer."""
+"""GET /prototypes, GET /prototypes/{name} (export) and PUT /prototypes/{name} (import): the tasks served."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import hashlib
+
+import numpy as np
+from fastapi import APIRouter, Response, status
+
+from pha_core.adapt import AdaptedTensors
+from pha_core.tasks import template_fields
 
 from ..catalog import TaskEntry
-from ..deps import StateDep
+from ..deps import ApiKey, StateDep
 from ..errors import ServiceError
-from ..schemas import PrototypeInfo, PrototypeList
+from ..registry import RegisteredTask, check_name
+from ..schemas import FIELD_NAME, ImportRequest, PrototypeInfo, PrototypeList
 
 router = APIRouter(tags=["prototypes"])
 
@@ -42,3 +50,102 @@ async def get_prototype(name: str, state: StateDep, include_vector: bool = False
         known = ", ".join(sorted(state.catalog.names()))
         raise ServiceError(404, f"no task {name!r}; known tasks: {known}", reason="task")
     return _info(entry, include_vector)
+
+
+@router.put(
+    "/prototypes/{name}",
+    response_model=PrototypeInfo,
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"description": "replaced"}, 401: {}, 403: {}, 409: {}, 422: {}},
+)
+async def import_prototype(
+    name: str, body: ImportRequest, state: StateDep, _: ApiKey, response: Response
+) -> PrototypeInfo:
+    """Register a prototype-mode task made elsewhere (another deployment's export, an offline `pha adapt`):
+    written to the registry like an adapted task, so every replica serves it. 201 when new, 200 when replaced."""
+    vector, key = _checked_import(name, body, state)
+    existing = state.catalog.get(name)
+    entry = RegisteredTask(
+        name=name,
+        file="",
+        sha256="",
+        mode="imported",
+        source_task="",
+        source_score=0.0,
+        k=body.examples or 0,
+        steps=0,
+        final_loss=0.0,
+        job_id="import-" + hashlib.sha256(body.model_dump_json().encode()).hexdigest()[:24],
+        model_version=state.engine.model_version,
+        labels=body.labels,
+        template=body.template,
+    )
+    tensors = AdaptedTensors(vector, key, None).to_bytes()
+    try:
+        await asyncio.to_thread(state.registry.register, entry, tensors, body.replace)
+    except ValueError as exc:
+        raise ServiceError(409, str(exc), reason="conflict") from None
+    version = await asyncio.to_thread(state.sync.apply)
+    await state.notify_registry(version)
+    served = state.catalog.get(name)
+    if served is None:
+        raise ServiceError(503, f"task {name!r} was registered but is not served yet: {state.sync.error}")
+    if existing is not None:
+        response.status_code = status.HTTP_200_OK
+    return _info(served)
+
+
+def _checked_import(name: str, body: ImportRequest, state) -> tuple[np.ndarray, np.ndarray]:
+    """The prototype and routing key as float32 vectors; every refusal says what to change."""
+    try:
+        check_name(name)
+    except ValueError as exc:
+        raise ServiceError(422, str(exc), reason="invalid") from None
+    existing = state.catalog.get(name)
+    if existing is not None and existing.source == "trained":
+        raise ServiceError(409, f"{name!r} is a trained task of the model; choose another name", reason="conflict")
+    if existing is not None and not body.replace:
+        raise ServiceError(
+            409, f'task {name!r} already exists; send "replace": true to overwrite it', reason="conflict"
+        )
+    if body.model is not None and body.model != state.engine.model_version:
+        raise ServiceError(
+            409,
+            f"the prototype was made for model {body.model[:32]!r}; this server runs {state.engine.model_version!r}, "
+            "whose hypernetwork would read it as noise: adapt the task again on this model",
+            reason="conflict",
+        )
+    dim = state.engine.config.proto_dim
+    vectors = []
+    for field_name, values in (("vector", body.vector), ("key", body.key if body.key is not None else body.vector)):
+        v = np.asarray(values, dtype=np.float32)
+        if v.shape != (dim,) or not np.all(np.isfinite(v)) or not np.any(v):
+            raise ServiceError(
+                422, f"{field_name} must be {dim} finite numbers, not all zero (got {v.size})", reason="invalid"
+            )
+        vectors.append(v)
+    _check_labels(body.labels, state)
+    if body.template is not None:
+        try:
+            fields = template_fields(body.template)
+        except ValueError:  # unbalanced braces
+            fields = ()
+        if not fields or not all(FIELD_NAME.fullmatch(f) for f in fields):
+            raise ServiceError(
+                422, "template needs placeholders with identifier names, e.g. 'review: {review}'", reason="invalid"
+            )
+    return vectors[0], vectors[1]
+
+
+def _check_labels(labels: list[str] | None, state) -> None:
+    if labels is None:
+        return
+    if not labels or len(set(labels)) != len(labels):
+        raise ServiceError(422, "labels must be distinct label words (at least one)", reason="invalid")
+    for word in labels:
+        if not word.strip() or not state.engine.can_represent(word):
+            raise ServiceError(
+                422,
+                f"label {word!r} cannot be written by the model's tokenizer; use plain lower-case words",
+                reason="invalid",
+            )

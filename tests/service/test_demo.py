@@ -47,3 +47,27 @@ def test_routed_answers_are_labels_of_the_routed_task(client):
         labels = prototypes[p["task"]]["labels"]
         assert p["output"] in labels and set(p["probabilities"]) == set(labels)
         assert sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.data
+def test_server_routing_agrees_with_evaluation_routing(client, data_dir):
+    """The FAISS index of the server and Eq. 10 as `pha eval` computes it pick the same task, same cosine."""
+    import torch
+
+    from pha_core.data import load_splits
+    from pha_core.evaluate import predict_examples
+
+    state = client.app.state.pha
+    model = state.engine.model
+    splits = load_splits(model.tasks, data_dir, n_train=1, max_eval=12)
+    rows = [e for task in model.tasks for e in splits[task]["test"]]
+    evaluated = predict_examples(model, rows)["routes"]
+    encoded = state.engine.encode([e.input for e in rows])
+    served = state.index.search(encoded.z)
+    assert [r.task for r in served] == evaluated
+    expected = model.retrieve(torch.as_tensor(encoded.z))
+    assert [r.score for r in served] == pytest.approx(expected.scores[:, 0].tolist(), abs=1e-5)
+    assert [r.margin for r in served] == pytest.approx(expected.margin.tolist(), abs=1e-5)
+    # And over HTTP: what /predict reports is that route.
+    body = client.post("/predict", json={"inputs": [e.input for e in rows[:4]]}).json()["predictions"]
+    assert [p["route"]["task"] for p in body] == evaluated[:4]

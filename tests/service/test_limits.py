@@ -24,8 +24,8 @@ def assert_still_serves(client) -> None:
 
 
 BAD_JSON = [
-    pytest.param({"inputs": 5}, "string or a list of strings", id="inputs-number"),
-    pytest.param({"inputs": ["ok", 3]}, "inputs[1] must be a string", id="inputs-list-of-numbers"),
+    pytest.param({"inputs": 5}, "a string, an object of fields or a list", id="inputs-number"),
+    pytest.param({"inputs": ["ok", 3]}, "inputs[1] must be a string or an object", id="inputs-list-of-numbers"),
     pytest.param({"inputs": []}, "empty list", id="inputs-empty-list"),
     pytest.param({"inputs": ""}, "empty", id="inputs-empty-string"),
     pytest.param({"inputs": ["ok", "   "]}, "inputs[1] is empty", id="inputs-blank-item"),

@@ -1,0 +1,41 @@
+"""What every bench result records about where it ran, and how it is written (whole, or not at all)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pha_core.files import write_atomic
+
+
+def machine() -> dict[str, Any]:
+    """Platform, CPU model and count, torch version and threads, the GPU if any."""
+    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
+    info["threads"] = torch.get_num_threads()
+    info["cpu"] = _cpu_model()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_result(path: str | Path, data: dict[str, Any]) -> None:
+    """JSON with the machine added, written atomically (a run cut short leaves the last complete file)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({**data, "machine": machine()}, indent=2) + "\n"
+    write_atomic(out, lambda tmp: tmp.write_text(text))

@@ -1,0 +1,66 @@
+"""PUT /prototypes/{name}: a task exported from one deployment (GET ...?include_vector=true) imported by another."""
+
+from __future__ import annotations
+
+import pytest
+from service_helpers import running_app
+
+KEY = "import-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MNLI = {"premise": "A man plays a guitar on stage.", "hypothesis": "A person makes music."}
+
+
+@pytest.fixture()
+def client(tiny_checkpoint, tmp_path):
+    with running_app(tiny_checkpoint, api_key=KEY, registry_dir=str(tmp_path / "registry")) as client:
+        yield client
+
+
+def _export(client, name: str) -> dict:
+    info = client.get(f"/prototypes/{name}", params={"include_vector": "true"}).json()
+    model = client.get("/readyz").json()["model"]
+    return {"vector": info["vector"], "labels": info["labels"], "template": info["template"], "model": model}
+
+
+def test_an_exported_task_imports_under_a_new_name_and_answers_like_the_original(client):
+    body = _export(client, "mnli")
+    response = client.put("/prototypes/nli-copy", json=body, headers=AUTH)
+    assert response.status_code == 201, response.text
+    info = response.json()
+    assert info["name"] == "nli-copy" and info["source"] == "adapted" and info["template"] == body["template"]
+    assert "nli-copy" in [p["name"] for p in client.get("/prototypes").json()["prototypes"]]
+    original = client.post("/predict", json={"inputs": MNLI, "task": "mnli"}).json()["predictions"][0]
+    copy = client.post("/predict", json={"inputs": MNLI, "task": "nli-copy"}).json()["predictions"][0]
+    assert copy["output"] == original["output"]
+    assert copy["probabilities"] == pytest.approx(original["probabilities"], abs=1e-5)
+    # Structured inputs now have two tasks taking premise/hypothesis.
+    routed = client.post("/predict", json={"inputs": MNLI}).json()["predictions"][0]
+    assert routed["route"]["candidates"] == 2 and routed["task"] in ("mnli", "nli-copy")
+    again = client.put("/prototypes/nli-copy", json=body, headers=AUTH)
+    assert again.status_code == 409 and "replace" in again.json()["detail"]
+    assert client.put("/prototypes/nli-copy", json={**body, "replace": True}, headers=AUTH).status_code == 200
+    assert client.delete("/prototypes/nli-copy", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "says"),
+    [
+        ({"vector": [1.0, 2.0]}, 422, "must be 16 finite numbers"),
+        ({"vector": [0.0] * 16}, 422, "not all zero"),
+        ({"model": "0123456789ab"}, 409, "made for model"),
+        ({"labels": ["yes", "yes"]}, 422, "distinct"),
+        ({"template": "no placeholders"}, 422, "placeholders"),
+        ({"template": "broken {"}, 422, "placeholders"),
+    ],
+)
+def test_bad_imports_are_refused_and_nothing_is_registered(client, change, status, says):
+    response = client.put("/prototypes/bad", json={**_export(client, "rte"), **change}, headers=AUTH)
+    assert response.status_code == status and says in response.json()["detail"], response.text
+    assert client.get("/prototypes/bad").status_code == 404
+
+
+def test_import_needs_the_key_and_cannot_overwrite_a_trained_task(client):
+    body = _export(client, "rte")
+    assert client.put("/prototypes/x", json=body).status_code == 401
+    conflict = client.put("/prototypes/rte", json={**body, "replace": True}, headers=AUTH)
+    assert conflict.status_code == 409 and "trained task" in conflict.json()["detail"]

@@ -1,0 +1,81 @@
+"""/predict inputs beyond plain text: structured fields, the route object, per-request truncation."""
+
+from __future__ import annotations
+
+import pytest
+from service_helpers import running_app
+
+RTE = "sentence1: The cat sat on the mat. sentence2: A cat is sitting."
+MNLI = {"premise": "A man plays a guitar on stage.", "hypothesis": "A person makes music."}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoint, redis_url):
+    with running_app(tiny_checkpoint, redis_url=redis_url) as client:
+        yield client
+
+
+def predict(client, **body):
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
+
+
+def test_fields_are_formatted_with_the_tasks_template(client):
+    (fields,) = predict(client, inputs=MNLI, task="mnli")
+    (text,) = predict(client, inputs=f"premise: {MNLI['premise']} hypothesis: {MNLI['hypothesis']}", task="mnli")
+    assert fields["output"] == text["output"] and fields["probabilities"] == text["probabilities"]
+
+
+def test_fields_narrow_routing_to_the_tasks_that_take_them(client):
+    # The tiny model's tasks: sst2 (sentence), rte (sentence1, sentence2), mnli (premise, hypothesis).
+    for item, task in ((MNLI, "mnli"), ({"sentence": "a fine film"}, "sst2")):
+        (p,) = predict(client, inputs=[item])
+        assert p["task"] == task and p["route"] == {
+            "task": task,
+            "routed": True,
+            "cosine": p["score"],
+            "margin": None,  # the only candidate
+            "candidates": 1,
+            "low_confidence": p["low_confidence"],
+        }
+
+
+def test_text_routes_among_every_task_and_pinned_has_no_cosine(client):
+    (routed,) = predict(client, inputs=RTE)
+    assert routed["route"]["candidates"] == 3 and routed["route"]["cosine"] == routed["score"]
+    (pinned,) = predict(client, inputs=RTE, task="rte")
+    assert pinned["route"] == {
+        "task": "rte",
+        "routed": False,
+        "cosine": None,
+        "margin": None,
+        "candidates": None,
+        "low_confidence": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"inputs": {"premise": "a"}}, "no task takes exactly those"),
+        ({"inputs": MNLI, "task": "rte"}, "task 'rte' takes ['sentence1', 'sentence2']"),
+        ({"inputs": {"premise": "a", "hypothesis": "  "}}, "inputs.hypothesis is empty"),
+        ({"inputs": {"premise": 3, "hypothesis": "b"}}, "inputs.premise must be a string"),
+        ({"inputs": [{"bad name": "x"}]}, "field names are identifiers"),
+        ({"inputs": {}}, "empty object"),
+    ],
+)
+def test_bad_fields_get_a_422_that_says_what_to_change(client, body, says):
+    response = client.post("/predict", json=body)
+    assert response.status_code == 422 and says in response.text, response.text
+
+
+def test_truncate_cuts_what_is_over_the_window_and_says_how_much(client):
+    window = client.app.state.pha.engine.config.max_source_length
+    long = "sentence: " + "very " * (window + 20) + "good"
+    assert client.post("/predict", json={"inputs": long}).status_code == 422
+    cut, whole = predict(client, inputs=[long, "sentence: short"], truncate=True)
+    tokens = client.app.state.pha.engine.count_tokens([long])[0]
+    assert cut["truncated"]["tokens"] == tokens - window
+    assert cut["truncated"]["characters"] >= 5 * 20 and whole["truncated"] is None
