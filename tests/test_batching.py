@@ -34,8 +34,9 @@ def test_bucketed_loss_equals_the_whole_batch(encoding):
     )
     index = {t: i for i, t in enumerate(model.tasks)}
     with torch.no_grad():
-        whole = model(collate(model.backbone, examples, index, 256, 8, by_field=model.config.by_field))
-        buckets = collate_buckets(model.backbone, examples, index, 256, 8, token_budget=64, by_field=model.config.by_field)
+        by_field = model.config.by_field
+        whole = model(collate(model.backbone, examples, index, 256, 8, by_field=by_field))
+        buckets = collate_buckets(model.backbone, examples, index, 256, 8, token_budget=64, by_field=by_field)
         parts = model(buckets)
     assert len(buckets) > 2
     for name in ("total", "ce", "ir", "pro"):
