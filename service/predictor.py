@@ -132,24 +132,15 @@ class Predictor:
 
 
 def _prediction(result: ItemResult, tokens_cut: int, characters_cut: int) -> Prediction:
-    route = None
-    if result.task is not None:
-        route = RouteInfo(
-            task=result.task,
-            routed=result.routed,
-            cosine=result.score,
-            margin=result.margin,
-            candidates=result.candidates,
-            low_confidence=result.low_confidence,
-        )
-    return Prediction(
-        output=result.output,
+    truncated = Truncation(tokens=tokens_cut, characters=characters_cut) if tokens_cut else None
+    if result.task is None:  # backbone_only: no task, no route
+        return Prediction(output=result.output, task=None, routed=False, truncated=truncated)
+    route = RouteInfo(
         task=result.task,
         routed=result.routed,
-        score=result.score,
+        cosine=result.score,
         margin=result.margin,
+        candidates=result.candidates,
         low_confidence=result.low_confidence,
-        probabilities=result.probabilities,
-        route=route,
-        truncated=Truncation(tokens=tokens_cut, characters=characters_cut) if tokens_cut else None,
     )
+    return Prediction(output=result.output, probabilities=result.probabilities, route=route, truncated=truncated)

@@ -11,7 +11,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 RTE_INPUT = "sentence1: The cat sat on the mat. sentence2: A cat is sitting."
@@ -162,6 +162,17 @@ class Prediction(BaseModel):
     )
     route: RouteInfo | None = Field(None, description="how the task was chosen (null for backbone_only)")
     truncated: Truncation | None = Field(None, description="what was cut (null: the input was read whole)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases_from_route(cls, data: object) -> object:
+        """The pre-`route` fields are filled from `route`, so the two can never disagree."""
+        if not isinstance(data, dict) or data.get("route") is None:
+            return data
+        route = data["route"]
+        r = route.model_dump() if isinstance(route, RouteInfo) else route
+        aliases = {"score": r["cosine"], "margin": r["margin"], "low_confidence": r["low_confidence"]}
+        return {"task": r["task"], "routed": r["routed"], **aliases, **data}
 
 
 class PredictResponse(BaseModel):

@@ -6,7 +6,14 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from service_helpers import PrivateRedis
+from service_helpers import PrivateRedis, running_app
+
+
+@pytest.fixture(scope="module")
+def tiny_client(tiny_checkpoint, redis_url):
+    """The HTTP app on the tiny checkpoint (tasks sst2, rte, mnli) with the test Redis, one per module."""
+    with running_app(tiny_checkpoint, redis_url=redis_url) as client:
+        yield client
 
 
 @pytest.fixture

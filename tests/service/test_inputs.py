@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from service_helpers import running_app
 
 RTE = "sentence1: The cat sat on the mat. sentence2: A cat is sitting."
 MNLI = {"premise": "A man plays a guitar on stage.", "hypothesis": "A person makes music."}
 
 
 @pytest.fixture(scope="module")
-def client(tiny_checkpoint, redis_url):
-    with running_app(tiny_checkpoint, redis_url=redis_url) as client:
-        yield client
+def client(tiny_client):
+    return tiny_client
 
 
 def predict(client, **body):

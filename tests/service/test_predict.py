@@ -14,9 +14,8 @@ TASKS = ("sst2", "rte", "mnli")
 
 
 @pytest.fixture(scope="module")
-def client(tiny_checkpoint, redis_url):
-    with running_app(tiny_checkpoint, redis_url=redis_url) as client:
-        yield client
+def client(tiny_client):
+    return tiny_client
 
 
 def predict(client, **body):
