@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.baselines import SentenceEncoder, majority, probe  # noqa: E402
 from bench.machine import write_result  # noqa: E402
 from pha_core.adapt import adapt_task, score_adapted  # noqa: E402
+from pha_core.calibration import RouteCalibration  # noqa: E402
 from pha_core.checkpoint import load_checkpoint  # noqa: E402
 from pha_core.data import data_dir_from_env, load_splits, low_data  # noqa: E402
 
@@ -44,6 +45,7 @@ def main() -> int:
     args = p.parse_args()
     model = load_checkpoint(args.checkpoint, device=args.device)
     prototypes = model.prototypes.weight.detach().cpu().numpy()
+    calibration = RouteCalibration.load(args.checkpoint)  # None: "fits_new" is not measured
     splits = load_splits(args.tasks, data_dir_from_env(), max_eval=args.max_eval)
     encoder = SentenceEncoder()
     settings = {k: v for k, v in vars(args).items() if k not in ("output", "checkpoint")}
@@ -63,7 +65,7 @@ def main() -> int:
                 for mode in args.modes:
                     started = time.perf_counter()
                     result = adapt_task(model, shots, prototypes, model.tasks, mode=mode, steps=args.steps, seed=seed)
-                    scores = score_adapted(model, result, heldout, prototypes)
+                    scores = score_adapted(model, result, heldout, prototypes, calibration=calibration)
                     runs.append(
                         {
                             "task": task,
@@ -94,6 +96,8 @@ def main() -> int:
                 sd = statistics.stdev(m) if len(m) > 1 else 0.0
                 if "routed_to_new" in rows[0]:
                     routed = f"{100 * statistics.mean(r['routed_to_new'] for r in rows):7.1f}%"
+                    if "fits_new" in rows[0]:
+                        routed += f" ({100 * statistics.mean(r['fits_new'] for r in rows):.0f}% fit)"
                     seconds = f"{statistics.mean(r['adapt_seconds'] for r in rows):8.1f}"
                 else:
                     routed, seconds = f"{'-':>8}", f"{'-':>8}"

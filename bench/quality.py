@@ -74,7 +74,8 @@ def one_run(variant: str, seed: int, args: argparse.Namespace) -> tuple[dict, Tr
         )
         started = time.perf_counter()
         backbone = BackboneConfig(decoder_trainable=args.decoder_trainable)
-        model_cfg = PHAConfig(variant=variant, backbone=backbone, encoding=args.encoding)
+        encoding = {"encoding": args.encoding} if args.encoding else {}  # unset: the config's default
+        model_cfg = PHAConfig(variant=variant, backbone=backbone, **encoding)
         trainer = Trainer(cfg, model_cfg, progress=False)
         selector = BestOnValidation({t: s["validation"][: args.max_val] for t, s in trainer.splits.items()})
         result = trainer.run(evaluate_fn=selector)

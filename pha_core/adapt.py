@@ -29,6 +29,7 @@ from safetensors.torch import save as st_save
 
 from .adapters import AdapterWeights
 from .batching import collate
+from .calibration import RouteCalibration, Spread
 from .inference import AdapterSet
 from .losses import prototype_contrastive_loss, token_cross_entropy
 from .model import PHAModel
@@ -56,6 +57,7 @@ class AdaptResult:
     final_loss: float
     seconds: float
     losses: list[float] = field(default_factory=list)
+    spread: Spread | None = None  # the k examples' cosines to the key (calibration.py typicality)
 
 
 def _encode(model: PHAModel, examples: Sequence[Example]):
@@ -135,6 +137,8 @@ def adapt_task(
         if progress is not None:
             progress(step + 1, float(ce))
     final = _layers(adapter_params) if adapter_params else None
+    with torch.no_grad():  # the examples the key was fitted to: tighter than new rows, so MIN_SCALE floors it
+        spread = Spread.of(cosine_scores(z, key.view(1, -1)).squeeze(1).tolist())
     return AdaptResult(
         prototype=new_proto.detach().cpu().numpy().astype(np.float32),
         key=key.detach().cpu().numpy().astype(np.float32),
@@ -149,6 +153,7 @@ def adapt_task(
         final_loss=losses[-1] if losses else math.nan,
         seconds=time.perf_counter() - started,
         losses=losses,
+        spread=spread,
     )
 
 
@@ -223,9 +228,12 @@ def score_adapted(
     prototypes: np.ndarray,
     batch_size: int = 64,
     space: AnswerSpace | None = None,
+    calibration: RouteCalibration | None = None,
+    min_typicality: float = 0.02,
 ) -> dict[str, float]:
     """Held-out quality of an adapted task: its metrics (exact match for tasks not in the catalogue) and the
-    share of held-out inputs that retrieval routes to the new prototype rather than to a known one.
+    share of held-out inputs that retrieval routes to the new prototype rather than to a known one; with the
+    model's `calibration`, also the share routed to it AND typical of it (what the server answers: "fits_new").
 
     Answers are ranked within `space` (default: the known task's labels, as the server answers; scoring.py),
     or generated greedily when there is none.
@@ -241,11 +249,16 @@ def score_adapted(
     table = torch.cat(
         [torch.as_tensor(np.asarray(prototypes, dtype=np.float32)), torch.as_tensor(result.key).view(1, -1)]
     ).to(model.device)
-    outputs, routed = [], 0
+    outputs, routed, fits = [], 0, 0
     for start in range(0, len(heldout), batch_size):
         chunk = list(heldout[start : start + batch_size])
         _, (hidden, mask), z = _encode(model, chunk)
-        routed += int((retrieve_rows(z, table) == table.size(0) - 1).sum())
+        to_new = retrieve_rows(z, table) == table.size(0) - 1
+        routed += int(to_new.sum())
+        if calibration is not None and result.spread is not None:
+            cosines = cosine_scores(z, table[-1:]).squeeze(1).tolist()
+            typical = [calibration.typicality(result.spread, c) >= min_typicality for c in cosines]
+            fits += sum(bool(t) and bool(n) for t, n in zip(typical, to_new.tolist(), strict=True))
         layers = [
             AdapterWeights(*(t.to(model.device).expand(len(chunk), *t.shape[1:]) for t in w.tensors()))
             for w in adapters.layers
@@ -260,7 +273,8 @@ def score_adapted(
         metrics = task_metrics(task, outputs, targets)
     else:
         metrics = {"exact_match": sum(o == t for o, t in zip(outputs, targets, strict=True)) / len(targets)}
-    return {**metrics, "routed_to_new": routed / len(heldout), "n": len(heldout)}
+    fitted = {"fits_new": fits / len(heldout)} if calibration is not None and result.spread is not None else {}
+    return {**metrics, "routed_to_new": routed / len(heldout), **fitted, "n": len(heldout)}
 
 
 def retrieve_rows(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             first, last = loss_trend(result["history"], key)
             print(f"{key}: {first:.4f} (first quarter) -> {last:.4f} (last quarter)")
         print(f"checkpoint written to {tcfg.output} ({result['train_seconds']:.0f} s)")
+        if trainer.model.config.routes_by_prototype:
+            from .calibration import calibrate
+
+            held_out = {t: s["validation"] for t, s in trainer.splits.items()}
+            path = calibrate(trainer.model, held_out).save(tcfg.output)
+            print(f"route calibration (validation rows) written to {path}")
         if not args.no_eval:
             report = evaluate(trainer.model, {t: s["validation"] for t, s in trainer.splits.items()})
             print("validation:\n" + format_table(report))
@@ -177,6 +183,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(report, indent=2))
         os.replace(tmp, out)
         print(f"written to {out}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Fit a checkpoint's route calibration (typicality and confidence, pha_core/calibration.py) on its tasks'
+    validation rows, and write it into the checkpoint (calibration.json, replaced atomically)."""
+    from .calibration import calibrate
+    from .checkpoint import load_checkpoint
+    from .train import TrainConfig, load_data, recipe_of
+
+    model = load_checkpoint(args.checkpoint)
+    recipe = recipe_of(args.checkpoint)
+    data_dir = args.data_dir or recipe.get("data_dir")
+    tcfg = TrainConfig(
+        tasks=model.tasks, data_dir=data_dir, n_train=1, split_seed=recipe.get("split_seed", 42), max_eval=args.max_rows
+    )
+    held_out = {t: s["validation"] for t, s in load_data(tcfg).items()}
+    calibration = calibrate(model, held_out)
+    path = calibration.save(args.checkpoint)
+    spreads = ", ".join(f"{t} {s.center:.3f}+-{s.scale:.3f}" for t, s in calibration.spreads.items())
+    print(f"{calibration.rows} validation rows; cosine to own key (median+-IQR): {spreads}")
+    print(f"confidence = sigmoid({calibration.intercept:.3f} + {calibration.slope:.3f} * margin)")
+    print(f"written to {path}")
     return 0
 
 
@@ -317,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--output", help="write the full report as JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "calibrate", help="fit a checkpoint's route calibration on validation rows", description=cmd_calibrate.__doc__
+    )
+    p.add_argument("checkpoint", help="checkpoint directory written by `pha train`")
+    p.add_argument("--data-dir", help="data folder (default: the one the checkpoint was trained with)")
+    p.add_argument("--max-rows", type=int, default=500, help="validation rows per task, seeded (500)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("params", help="trainable parameters by part, with formulas")
     p.add_argument("--checkpoint", help="count a trained checkpoint's model")

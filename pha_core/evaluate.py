@@ -1,7 +1,8 @@
 """Evaluation: per-task metrics with the task given and with the task retrieved (Eq. 10), and routing accuracy.
 
 Each batch is encoded once; the decoder then runs with the gold task's adapters ("given") and, when the model
-can route, with the retrieved prototype's adapters ("retrieved"). Routing accuracy is the share of held-out
+can route, with the retrieved prototype's adapters ("retrieved"), among the tasks whose templates the input is
+written with (as the server routes: source.candidates_by_template). Routing accuracy is the share of held-out
 inputs whose nearest prototype is their own task's.
 """
 
@@ -14,7 +15,8 @@ import torch
 from .metrics import score, task_metrics
 from .model import PHAModel
 from .scoring import AnswerSpace, rank
-from .tasks import Example
+from .source import candidates_by_template
+from .tasks import TASKS, Example, get_task
 
 DECODINGS = ("rank", "greedy")
 
@@ -46,6 +48,7 @@ def predict_examples(
             return [bb.decode_text(row) for row in model.greedy_decode(hidden, mask, adapters, new_tokens)]
         return [s.output for s in rank(model, hidden, mask, adapters, spaces, ids_of)]
 
+    templates = [get_task(t).template if t in TASKS else None for t in model.tasks]
     given, retrieved, routes = [], [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -54,7 +57,8 @@ def predict_examples(
         z = model.instance_vectors(hidden, mask) if model.retriever is not None else None
         given += answers(hidden, mask, model.decoder_adapters(gold, z), [e.task for e in chunk])
         if cfg.routes_by_prototype:
-            picked = model.retrieve(z, top_k=1).indices[:, 0]
+            allowed = candidates_by_template([e.input for e in chunk], templates)
+            picked = model.retrieve(z, top_k=1, allowed=allowed.to(model.device)).indices[:, 0]
             names = [model.tasks[i] for i in picked.tolist()]
             routes += names
             if torch.equal(picked, gold):

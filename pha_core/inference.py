@@ -69,6 +69,12 @@ class Encoded:
     def __len__(self) -> int:
         return self.hidden.size(0)
 
+    def select(self, rows: list[int]) -> Encoded:
+        """The encoded inputs at `rows`, in that order."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.hidden.device)
+        z = None if self.z is None else self.z[rows]
+        return Encoded(self.hidden.index_select(0, index), self.mask.index_select(0, index), z)
+
 
 class Engine:
     """Thread-safe inference over one `PHAModel` (eval mode, no grad)."""

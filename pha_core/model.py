@@ -135,11 +135,11 @@ class PHAModel(nn.Module):
             raise ValueError(f"variant {self.config.variant!r} has no retriever")
         return self.retriever(encoder_hidden, attention_mask)
 
-    def retrieve(self, z: torch.Tensor, top_k: int = 2) -> Retrieval:
-        """Eq. 10: the nearest trained prototype of each z, with score and margin."""
+    def retrieve(self, z: torch.Tensor, top_k: int = 2, allowed: torch.Tensor | None = None) -> Retrieval:
+        """Eq. 10: the nearest trained prototype of each z (among those `allowed` [B, T]), with score and margin."""
         if not self.config.routes_by_prototype:
             raise ValueError(f"variant {self.config.variant!r} cannot route by prototype")
-        return retrieve(z, self.prototypes.weight, top_k)
+        return retrieve(z, self.prototypes.weight, top_k, allowed)
 
     # ------------------------------------------------------------------------- adapter weights
     def adapters_from_condition(self, cond: torch.Tensor) -> list[AdapterWeights]:

@@ -47,13 +47,21 @@ def cosine_scores(z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return F.normalize(z, dim=-1) @ F.normalize(keys, dim=-1).t()
 
 
-def retrieve(z: torch.Tensor, prototypes: torch.Tensor, top_k: int = 2) -> Retrieval:
-    """k_a = argmax_i cos(k_i, z) for each z [B,D] over prototypes [T,D]."""
+def retrieve(
+    z: torch.Tensor, prototypes: torch.Tensor, top_k: int = 2, allowed: torch.Tensor | None = None
+) -> Retrieval:
+    """k_a = argmax_i cos(k_i, z) for each z [B,D] over prototypes [T,D]; with `allowed` [B,T] (bool), row b
+    only among the prototypes it allows (every row must allow one: source.candidates_by_fields)."""
     if prototypes.size(0) == 0:
         raise LookupError("no prototypes to retrieve from")
     cos = cosine_scores(z, prototypes)
+    if allowed is not None:
+        if not bool(allowed.any(dim=1).all()):
+            raise LookupError("an input allows none of the prototypes")
+        cos = cos.masked_fill(~allowed.to(cos.device), float("-inf"))
     k = min(max(top_k, 2), prototypes.size(0))  # the runner-up is always looked at, for the margin
     scores, indices = cos.topk(k, dim=-1)
     runner_up = scores[:, 1] if k > 1 else torch.full_like(scores[:, 0], float("nan"))
+    runner_up = torch.where(torch.isinf(runner_up), torch.full_like(runner_up, float("nan")), runner_up)
     keep = max(1, min(top_k, k))
     return Retrieval(indices[:, :keep], scores[:, :keep], scores[:, 0] - runner_up)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .retriever import masked_mean
-from .tasks import FIELD_MARKERS
+from .tasks import FIELD_MARKERS, template_pattern
 
 # Fields one input may have (the catalogue's most is 3: WiC, WSC); markers after the 4th stay inside it.
 MAX_FIELDS = 4
@@ -54,6 +54,15 @@ def split_fields(text: str) -> list[str]:
     if len(parts) > MAX_FIELDS:
         parts = parts[: MAX_FIELDS - 1] + [" ".join(parts[MAX_FIELDS - 1 :])]
     return parts
+
+
+def candidates_by_template(texts: list[str], templates: list[str | None]) -> torch.Tensor:
+    """[B, T] bool: whether text b is written as task t's template is (a task without a template takes any
+    text): the routing candidates of every input, as the server narrows them (tasks.template_pattern)."""
+    patterns = [template_pattern(t) if t else None for t in dict.fromkeys(templates)]
+    fits = {t: p for t, p in zip(dict.fromkeys(templates), patterns, strict=True)}
+    rows = [[fits[t] is None or fits[t].fullmatch(text) is not None for t in templates] for text in texts]
+    return torch.tensor(rows, dtype=torch.bool).view(len(texts), len(templates))
 
 
 @dataclass

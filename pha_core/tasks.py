@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import string
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -107,6 +108,17 @@ def template_fields(template: str) -> tuple[str, ...]:
     """The placeholders of a template, in order: ``"premise: {premise} hypothesis: {hypothesis}"`` ->
     ``("premise", "hypothesis")``."""
     return tuple(name for _, name, _, _ in string.Formatter().parse(template) if name)
+
+
+def template_pattern(template: str) -> re.Pattern[str]:
+    """What texts written with `template` look like: its literal text, any value in each placeholder
+    (``premise: {premise} hypothesis: {hypothesis}`` -> ``premise: (.*) hypothesis: (.*)``, across lines).
+    A value may itself hold a marker (an STS-B sentence quoting "question: ..."), so this, not the markers
+    found in a text, says whether a text fits a template."""
+    parts = [
+        re.escape(literal) + ("(.*)" if name else "") for literal, name, _, _ in string.Formatter().parse(template)
+    ]
+    return re.compile("".join(parts), re.DOTALL)
 
 
 def fill_template(template: str, row: Mapping[str, object]) -> str:

@@ -16,6 +16,7 @@ import logging
 import redis.asyncio as aioredis
 
 from pha_core.adapt import AdaptedTensors
+from pha_core.calibration import Spread
 
 from .catalog import TaskCatalog
 from .metrics import Metrics
@@ -66,6 +67,7 @@ class RegistrySync:
                     labels=task.labels,
                     template=task.template,
                     examples=task.k,
+                    spread=Spread(*task.spread) if task.spread else None,
                 )
         except Exception as exc:  # noqa: BLE001 - RegistryError, bad tensors, anything: an escape would end the follower
             self.error = str(exc) if isinstance(exc, RegistryError) else f"{type(exc).__name__}: {exc}"

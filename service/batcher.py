@@ -32,7 +32,7 @@ BATCHES_IN_FLIGHT = 1
 
 @dataclass(frozen=True)
 class ItemResult:
-    output: str
+    output: str | None  # None: no task fits the input (abstained)
     task: str | None
     routed: bool
     score: float | None = None
@@ -40,6 +40,10 @@ class ItemResult:
     low_confidence: bool = False
     probabilities: dict[str, float] | None = None
     candidates: int | None = None  # tasks routed among (None when pinned)
+    confidence: float | None = None  # P(route right), calibrated
+    typicality: float | None = None
+    fits: bool = True
+    reason: str | None = None  # why no task fits
 
 
 @dataclass

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Literal
 
 import numpy as np
 
+from pha_core.calibration import Spread
 from pha_core.inference import AdapterSet
 from pha_core.scoring import AnswerSpace
-from pha_core.tasks import TASKS, template_fields
+from pha_core.tasks import TASKS, template_fields, template_pattern
 
 from .routing import PrototypeIndex
 
@@ -46,6 +47,7 @@ class TaskEntry:
     version: int = 1
     key: np.ndarray | None = field(default=None, repr=False)
     adapters: AdapterSet | None = field(default=None, repr=False)
+    spread: Spread | None = None  # where its held-out rows' route cosines lie (typicality); None: not fitted
 
     @property
     def answers(self) -> AnswerSpace | None:
@@ -77,7 +79,11 @@ Listener = Callable[[TaskEntry | None, TaskEntry | None], None]
 
 
 def trained_entries(
-    tasks: list[str], prototypes: np.ndarray, created: datetime, examples: int | None = None
+    tasks: list[str],
+    prototypes: np.ndarray,
+    created: datetime,
+    examples: int | None = None,
+    spreads: Mapping[str, Spread] | None = None,
 ) -> list[TaskEntry]:
     """Entries for a model's trained tasks; template and labels come from the task catalogue when known."""
     entries = []
@@ -92,6 +98,7 @@ def trained_entries(
                 labels=spec.labels if spec else None,
                 created=created,
                 examples=examples,
+                spread=(spreads or {}).get(name),
             )
         )
     return entries
@@ -107,6 +114,7 @@ class TaskCatalog:
         self._listeners: list[Listener] = []
         self.version = 1
         self._by_fields: tuple[int, dict] = (0, {})
+        self._by_template: tuple[int, list, tuple[str, ...]] = (0, [], ())
         index.replace_all({name: e.routing_key for name, e in self._entries.items()})
 
     def __len__(self) -> int:
@@ -136,6 +144,25 @@ class TaskCatalog:
             self._by_fields = (self.version, index)
         return index.get(frozenset(fields), {})
 
+    def tasks_fitting(self, text: str) -> tuple[str, ...] | None:
+        """The tasks a plain text may be routed among: those whose template it is written with, and those
+        without a template; None when that is every task. Empty: no task takes a text written so."""
+        version, patterns, free = self._by_template
+        if version != self.version:
+            by_template: dict[str, tuple[str, ...]] = {}
+            for entry in self._entries.values():
+                if entry.template:
+                    by_template[entry.template] = (*by_template.get(entry.template, ()), entry.name)
+            patterns = [(template_pattern(t), names) for t, names in by_template.items()]
+            free = tuple(e.name for e in self._entries.values() if not e.template)
+            self._by_template = (self.version, patterns, free)
+        if not patterns:
+            return None
+        fitting = [name for pattern, names in patterns if pattern.fullmatch(text) for name in names]
+        if len(fitting) + len(free) == len(self._entries):
+            return None
+        return (*fitting, *free)
+
     def field_sets(self) -> list[list[str]]:
         """Every template's fields, for error messages."""
         return sorted({template_fields(e.template) for e in self._entries.values() if e.template})
@@ -153,6 +180,7 @@ class TaskCatalog:
         template: str | None = None,
         labels: Iterable[str] | None = None,
         examples: int | None = None,
+        spread: Spread | None = None,
     ) -> TaskEntry:
         """Add or replace an adapted task. Idempotent: the same task again changes nothing (jobs may re-run)."""
         new = TaskEntry(
@@ -164,6 +192,7 @@ class TaskCatalog:
             template=template,
             labels=tuple(labels) if labels is not None else None,
             examples=examples,
+            spread=spread,
         )
         with self._lock:
             old = self._entries.get(name)

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from pha_core import runtime
+from pha_core.calibration import RouteCalibration
 from pha_core.checkpoint import CONFIG_FILE, load_checkpoint, read_meta
 from pha_core.inference import Engine
 
@@ -34,6 +35,7 @@ class LoadedModel:
     source: str  # the checkpoint path, "demo", or UNTRAINED
     created: datetime  # when the checkpoint was written (load time for the untrained default)
     examples: int | None  # training examples per task, when the checkpoint's recipe says
+    calibration: RouteCalibration | None = None  # fitted on held-out rows (`pha calibrate`); None: not fitted
 
 
 def demo_checkpoint() -> Path:
@@ -69,7 +71,14 @@ def _from_checkpoint(path: Path, source: str, device: str) -> LoadedModel:
     recipe = read_meta(path).get("recipe", {})
     n_train = recipe.get("n_train")
     created = datetime.fromtimestamp((path / CONFIG_FILE).stat().st_mtime, tz=timezone.utc)
-    return LoadedModel(Engine(model), source, created, n_train if isinstance(n_train, int) else None)
+    calibration = RouteCalibration.load(path)
+    if calibration is None:
+        log.warning(
+            "the checkpoint has no route calibration: routed inputs are never turned away as fitting no task; "
+            f"fit one with `pha calibrate {source}`"
+        )
+    examples = n_train if isinstance(n_train, int) else None
+    return LoadedModel(Engine(model), source, created, examples, calibration)
 
 
 def _untrained(device: str) -> LoadedModel:

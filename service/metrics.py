@@ -23,6 +23,7 @@ REJECT_REASONS = (
     "max_new_tokens",
     "task",
     "low_score",
+    "no_task_fits",
     "overload",
     "auth",
     "conflict",
@@ -58,6 +59,9 @@ class Metrics:
             "pha_route_score", "cosine of the chosen prototype for routed inputs", buckets=_SCORES, registry=r
         )
         self.low_confidence = Counter("pha_low_confidence_routes", "routed inputs below min_route_score", registry=r)
+        self.no_fit = Counter(
+            "pha_no_task_fits", "routed inputs that fit no task, by why (template, typicality)", ["why"], registry=r
+        )
         self.batch_size = Histogram("pha_batch_size", "texts per model call", buckets=_BATCH, registry=r)
         self.in_flight = Gauge("pha_requests_in_flight", "/predict requests being served", registry=r)
         self.rejected = Counter("pha_requests_rejected", "requests refused, by reason", ["reason"], registry=r)
@@ -75,6 +79,8 @@ class Metrics:
             self.cache_lookups.labels(tier)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+        for why in ("template", "typicality"):
+            self.no_fit.labels(why)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from pha_core.calibration import RouteCalibration
 from pha_core.inference import AdapterSet, Engine
 
 from .batcher import ItemResult, ModelRunner, WorkItem
@@ -33,10 +34,18 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RoutePolicy:
-    """What happens below `min_score`: serve with `low_confidence: true` ("flag") or refuse with 422."""
+    """When a route is doubtful, and what then happens.
+
+    Below `min_score` (a raw cosine): serve with `low_confidence: true` ("flag") or refuse with 422 ("refuse").
+    Below `min_typicality` (calibrated; needs the model's `calibration` and the task's spread): no task fits, and
+    `no_fit_action` says what follows: "abstain" (output null), "refuse" (422) or "flag" (served anyway).
+    """
 
     min_score: float
     action: str  # "flag" | "refuse"
+    min_typicality: float = 0.0
+    no_fit_action: str = "abstain"  # "abstain" | "refuse" | "flag"
+    calibration: RouteCalibration | None = None
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float]:
@@ -95,19 +104,23 @@ class Pipeline:
         self.metrics.phase_seconds.labels("encode_route").observe(time.perf_counter() - start)
 
         decisions = self._decide(items, dict(zip(to_route, routes, strict=True)))
-        adapters = await self._adapters([entry for entry, _ in decisions])
+        for i, (_, fields) in enumerate(decisions):
+            if items[i].live and not fields.get("fits", True) and self.policy.no_fit_action == "abstain":
+                # abstained: answered without the decoder
+                items[i].future.set_result(ItemResult(output=None, **fields))
         live = [i for i, item in enumerate(items) if item.live]
         if not live:
             return
-        sets = [adapters[entry.name] for entry, _ in decisions]
+        adapters = await self._adapters([decisions[i][0] for i in live])
+        sets = [adapters[decisions[i][0].name] for i in live]
+        spaces = [decisions[i][0].answers for i in live]
         max_new = items[0].max_new_tokens
-        spaces = [entry.answers for entry, _ in decisions]
-        answers, seconds = await self.runner(lambda: timed(lambda: self.engine.answer(encoded, sets, spaces, max_new)))
+        part = encoded if len(live) == len(items) else encoded.select(live)
+        answers, seconds = await self.runner(lambda: timed(lambda: self.engine.answer(part, sets, spaces, max_new)))
         self.metrics.phase_seconds.labels("generate").observe(seconds)
-        for i in live:
-            _, template = decisions[i]
-            result = ItemResult(output=answers[i].output, probabilities=answers[i].probabilities, **template)
-            items[i].future.set_result(result)
+        for i, answer in zip(live, answers, strict=True):
+            fields = decisions[i][1]
+            items[i].future.set_result(ItemResult(output=answer.output, probabilities=answer.probabilities, **fields))
 
     async def route(self, vectors: np.ndarray, among: list[tuple[str, ...] | None] | None = None) -> list[Route]:
         """Nearest prototypes of `vectors` [B, dim] (row i only among `among[i]` when given), on the routing
@@ -152,12 +165,23 @@ class Pipeline:
     def _fields(self, item: WorkItem, entry: TaskEntry, route: Route | None) -> dict:
         if route is None:  # pinned: retrieval skipped, so no score (documented in docs/serving.md)
             return {"task": entry.name, "routed": False}
+        policy = self.policy
         self.metrics.route_score.observe(route.score)
-        low = route.score < self.policy.min_score
+        typicality = confidence = None
+        if policy.calibration is not None:
+            confidence = policy.calibration.confidence(route.margin)
+            if entry.spread is not None:
+                typicality = policy.calibration.typicality(entry.spread, route.score)
+        fits = typicality is None or typicality >= policy.min_typicality
+        low = route.score < policy.min_score or not fits or (confidence is not None and confidence < 0.5)
         if low:
             self.metrics.low_confidence.inc()
-            if self.policy.action == "refuse" and item.live:
-                item.future.set_exception(_low_score_error(route, self.policy.min_score))
+        if not fits:
+            self.metrics.no_fit.labels("typicality").inc()
+        if item.live and route.score < policy.min_score and policy.action == "refuse":
+            item.future.set_exception(_low_score_error(route, policy.min_score))
+        elif item.live and not fits and policy.no_fit_action == "refuse":
+            item.future.set_exception(_no_fit_error(entry.name, typicality, policy.min_typicality))
         candidates = len(self.catalog) if item.among is None else len(item.among)
         return {
             "task": entry.name,
@@ -166,6 +190,10 @@ class Pipeline:
             "margin": route.margin,
             "low_confidence": low,
             "candidates": candidates,
+            "confidence": confidence,
+            "typicality": typicality,
+            "fits": fits,
+            "reason": None if fits else _untypical(entry.name, typicality, policy.min_typicality),
         }
 
     async def _adapters(self, entries: list[TaskEntry]) -> dict[str, AdapterSet]:
@@ -199,6 +227,21 @@ class Pipeline:
         for item, output in zip(items, outputs, strict=True):
             if item.live:
                 item.future.set_result(ItemResult(output=output, task=None, routed=False))
+
+
+def _untypical(task: str, typicality: float | None, threshold: float) -> str:
+    return (
+        f"the input is less typical of its nearest task {task!r} than {1 - (typicality or 0):.1%} of that task's "
+        f"held-out inputs (typicality {typicality:.3f} < {threshold}, PHA_MIN_ROUTE_TYPICALITY): no task fits it"
+    )
+
+
+def _no_fit_error(task: str, typicality: float | None, threshold: float) -> ServiceError:
+    return ServiceError(
+        422,
+        _untypical(task, typicality, threshold) + '. Name the task with "task" if it is meant for one.',
+        reason="no_task_fits",
+    )
 
 
 def _low_score_error(route: Route, threshold: float) -> ServiceError:

@@ -16,15 +16,27 @@ from .catalog import TaskCatalog
 from .errors import ServiceError
 from .limits import RequestLimits
 from .logging import annotate
+from .metrics import Metrics
 from .schemas import Prediction, PredictRequest, PredictResponse, RouteInfo, Truncation
 
 
 class Predictor:
-    def __init__(self, *, engine: Engine, catalog: TaskCatalog, batcher: MicroBatcher, limits: RequestLimits) -> None:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        catalog: TaskCatalog,
+        batcher: MicroBatcher,
+        limits: RequestLimits,
+        no_fit_action: str = "abstain",
+        metrics: Metrics | None = None,
+    ) -> None:
         self.engine = engine
         self.catalog = catalog
         self.batcher = batcher
         self.limits = limits
+        self.no_fit_action = no_fit_action  # RoutePolicy.no_fit_action, for texts that fit no task's template
+        self.metrics = metrics
 
     async def predict(self, request: PredictRequest) -> PredictResponse:
         inputs = request.input_list
@@ -41,6 +53,11 @@ class Predictor:
             texts = [text for text, _, _ in cuts]
         else:
             self.limits.check_token_counts(await asyncio.to_thread(self.engine.count_tokens, texts))
+        if request.task is None and not request.backbone_only:
+            among = [
+                self._candidates(i, text) if a is None else a
+                for i, (text, a) in enumerate(zip(texts, among, strict=True))
+            ]
         results = await self._run(texts, among, request.task, max_new, request.backbone_only)
         annotate(texts=len(texts), tasks=sorted({r.task or "-" for r in results}))
         predictions = [_prediction(r, tokens, chars) for r, (_, tokens, chars) in zip(results, cuts, strict=True)]
@@ -64,6 +81,20 @@ class Predictor:
             texts.append(fill_template(template, item))
             among.append(None if task is not None else names)
         return texts, among
+
+    def _candidates(self, i: int, text: str) -> tuple[str, ...] | None:
+        """The tasks a plain text may be routed among: those whose templates it is written with. None: all of
+        them; () when none (answered "no task fits", refused, or routed among all, as PHA_NO_FIT_ACTION says)."""
+        among = self.catalog.tasks_fitting(text)
+        if among == () and self.no_fit_action == "refuse":
+            raise ServiceError(
+                422,
+                f"inputs[{i}] is written as no task's template, so no task fits it; the tasks take "
+                f"{self.catalog.field_sets()[:20]} (write it as GET /prototypes shows a task's template, send "
+                'the fields as an object, or name the task with "task")',
+                reason="no_task_fits",
+            )
+        return None if among == () and self.no_fit_action == "flag" else among
 
     def _template_for(self, i: int, item: dict[str, str], task: str | None) -> tuple[str, tuple[str, ...]]:
         given = sorted(item)
@@ -121,7 +152,12 @@ class Predictor:
             for text, candidates in zip(texts, among, strict=True)
         ]
         for item in items:
-            self.batcher.submit(item)
+            if item.among == ():  # written as no task's template: no task fits, and no model time is spent
+                item.future.set_result(_fits_no_template())
+                if self.metrics is not None:
+                    self.metrics.no_fit.labels("template").inc()
+            else:
+                self.batcher.submit(item)
         try:
             return list(await asyncio.gather(*(item.future for item in items)))
         finally:
@@ -131,9 +167,14 @@ class Predictor:
                     item.future.exception()  # mark a second failure as seen (the first one is raised)
 
 
+def _fits_no_template() -> ItemResult:
+    reason = "the input is written as no task's template (GET /prototypes shows each task's): no task fits it"
+    return ItemResult(output=None, task=None, routed=True, low_confidence=True, candidates=0, fits=False, reason=reason)
+
+
 def _prediction(result: ItemResult, tokens_cut: int, characters_cut: int) -> Prediction:
     truncated = Truncation(tokens=tokens_cut, characters=characters_cut) if tokens_cut else None
-    if result.task is None:  # backbone_only: no task, no route
+    if result.task is None and result.fits:  # backbone_only: no task, no route
         return Prediction(output=result.output, task=None, routed=False, truncated=truncated)
     route = RouteInfo(
         task=result.task,
@@ -142,5 +183,9 @@ def _prediction(result: ItemResult, tokens_cut: int, characters_cut: int) -> Pre
         margin=result.margin,
         candidates=result.candidates,
         low_confidence=result.low_confidence,
+        confidence=result.confidence,
+        typicality=result.typicality,
+        fits=result.fits,
+        reason=result.reason,
     )
     return Prediction(output=result.output, probabilities=result.probabilities, route=route, truncated=truncated)

@@ -62,6 +62,7 @@ class RegisteredTask:
     labels: list[str] | None = None
     heldout: dict[str, float] | None = None
     template: str | None = None
+    spread: list[float] | None = None  # [center, scale] of its examples' route cosines (typicality); None: none
 
 
 @dataclass

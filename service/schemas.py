@@ -11,7 +11,18 @@ import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    PositiveFloat,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 
 RTE_INPUT = "sentence1: The cat sat on the mat. sentence2: A cat is sitting."
@@ -123,7 +134,10 @@ class PredictRequest(BaseModel):
 class RouteInfo(BaseModel):
     """How the answering task was chosen."""
 
-    task: str = Field(description="the task whose adapters answered")
+    task: str | None = Field(
+        description="the task whose adapters answered; when no task fits (`fits` false), the nearest task, or "
+        "null when the input is written as no task's template"
+    )
     routed: bool = Field(description="true: the retriever chose it (Eq. 10); false: the request pinned it")
     cosine: float | None = Field(None, description="cosine of the input to the task's routing key (null when pinned)")
     margin: float | None = Field(
@@ -131,10 +145,29 @@ class RouteInfo(BaseModel):
     )
     candidates: int | None = Field(
         None,
-        description="tasks the input was routed among: every task, or those whose templates take the fields "
-        "of a structured input (null when pinned)",
+        description="tasks the input was routed among: those whose templates the input is written with (a text) "
+        "or takes the fields of (a structured input), plus tasks without a template (null when pinned)",
     )
-    low_confidence: bool = Field(False, description="routed with a cosine below the server's min_route_score")
+    confidence: float | None = Field(
+        None,
+        description="calibrated probability that the routed task is the input's task, from the margin (fitted on "
+        "held-out rows; null when pinned, with one candidate, or for a model without calibration)",
+    )
+    typicality: float | None = Field(
+        None,
+        description="share of the task's held-out inputs that are less typical of it than this input (a "
+        "conformal p-value: about uniform for the task's own inputs); null when pinned or not fitted",
+    )
+    fits: bool = Field(
+        True,
+        description="false: no task fits the input (written as no task's template, or typicality below "
+        "PHA_MIN_ROUTE_TYPICALITY); the prediction's output is then null unless PHA_NO_FIT_ACTION=flag",
+    )
+    reason: str | None = Field(None, description="why no task fits (null when one does)")
+    low_confidence: bool = Field(
+        False,
+        description="the route is doubtful: cosine below PHA_MIN_ROUTE_SCORE, no task fits, or confidence < 0.5",
+    )
 
 
 class Truncation(BaseModel):
@@ -145,9 +178,9 @@ class Truncation(BaseModel):
 
 
 class Prediction(BaseModel):
-    output: str = Field(
+    output: str | None = Field(
         description="the answer: the most probable label word for tasks with labels (rank classification), the "
-        "expected score for STS-B, generated text otherwise"
+        "expected score for STS-B, generated text otherwise; null when no task fits the input (route.fits)"
     )
     # The fields below predate `route` and repeat it; kept so that v1 clients keep working.
     task: str | None = Field(description="the task whose adapters answered (null for backbone_only); = route.task")
@@ -212,6 +245,9 @@ class PrototypeInfo(BaseModel):
     vector: list[float] | None = Field(None, description="the prototype (only with include_vector=true)")
     key: list[float] | None = Field(
         None, description="the routing key, when it differs from the prototype (only with include_vector=true)"
+    )
+    spread: tuple[float, float] | None = Field(
+        None, description="[median, IQR] of its held-out inputs' route cosines (typicality); null: not fitted"
     )
 
     model_config = ConfigDict(
@@ -363,4 +399,9 @@ class ImportRequest(BaseModel):
         None, description="model version the prototype was made for (GET /readyz); refused (409) when different"
     )
     examples: StrictInt | None = Field(None, ge=0, description="examples it was learnt from, when known")
+    spread: tuple[FiniteFloat, PositiveFloat] | None = Field(
+        None,
+        description="[median, interquartile range] of its held-out inputs' cosines to the key, for typicality "
+        "(route.typicality); null: its routes are never turned away as fitting no task",
+    )
     replace: StrictBool = Field(False, description="overwrite an adapted task of the same name")

@@ -70,6 +70,20 @@ class Settings(BaseSettings):
     low_score_action: Literal["flag", "refuse"] = Field(
         "flag", description="below min_route_score: serve with low_confidence=true, or refuse with 422"
     )
+    min_route_typicality: float = Field(
+        0.02,
+        ge=0.0,
+        le=1.0,
+        description="a routed input whose typicality for its nearest task is below this (the share of that "
+        "task's held-out rows it is less typical than; pha_core/calibration.py) fits no task. 0.02 turns away "
+        "about 2% of in-task inputs",
+    )
+    no_fit_action: Literal["abstain", "refuse", "flag"] = Field(
+        "abstain",
+        description="when no task fits a routed input: answer it with output null and route.fits false "
+        "(abstain), refuse the request with 422 (refuse), or answer with the nearest task anyway, "
+        "low_confidence true (flag)",
+    )
 
     # --- adapter cache
     l1_cache_size: int = Field(256, ge=1, description="adapter sets kept in process memory (LRU)")

@@ -81,7 +81,8 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
     """Wire the parts (must run inside the event loop: the batcher and cache bind to it)."""
     engine = loaded.engine
     index = PrototypeIndex(engine.config.proto_dim)
-    entries = trained_entries(engine.tasks, engine.trained_prototypes(), loaded.created, loaded.examples)
+    spreads = loaded.calibration.spreads if loaded.calibration is not None else None
+    entries = trained_entries(engine.tasks, engine.trained_prototypes(), loaded.created, loaded.examples, spreads)
     catalog = TaskCatalog(index, entries)
     redis_tier = None
     if settings.redis_url:
@@ -103,7 +104,13 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
     catalog.subscribe(lambda old, new: _catalog_gauges(metrics, catalog))
     _catalog_gauges(metrics, catalog)
     runner = ModelRunner()
-    policy = RoutePolicy(settings.min_route_score, settings.low_score_action)
+    policy = RoutePolicy(
+        settings.min_route_score,
+        settings.low_score_action,
+        settings.min_route_typicality,
+        settings.no_fit_action,
+        loaded.calibration,
+    )
     pipeline = Pipeline(
         engine=engine,
         catalog=catalog,
@@ -116,7 +123,14 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
     )
     batcher = MicroBatcher(pipeline, max_batch=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000)
     limits = RequestLimits.from_settings(settings, engine.config.max_source_length, engine.config.max_target_length)
-    predictor = Predictor(engine=engine, catalog=catalog, batcher=batcher, limits=limits)
+    predictor = Predictor(
+        engine=engine,
+        catalog=catalog,
+        batcher=batcher,
+        limits=limits,
+        no_fit_action=settings.no_fit_action,
+        metrics=metrics,
+    )
     limiter = ConcurrencyLimiter(settings.max_concurrent_requests, settings.retry_after_seconds, metrics)
     registry = Registry(settings.registry_dir)
     sync = RegistrySync(registry, catalog, engine.model_version, engine.model.n_decoder_layers, metrics)

@@ -150,6 +150,7 @@ class Worker:
             model_version=engine.model_version,
             labels=sorted({e.target for e in examples}),
             heldout=heldout,
+            spread=[result.spread.center, result.spread.scale] if result.spread is not None else None,
         )
         try:
             registered, created = self.registry.register(

@@ -32,6 +32,7 @@ def _info(entry: TaskEntry, include_vector: bool = False) -> PrototypeInfo:
         prototype_version=entry.prototype_version,
         vector=[float(x) for x in entry.vector] if include_vector else None,
         key=[float(x) for x in entry.key] if include_vector and entry.key is not None else None,
+        spread=(entry.spread.center, entry.spread.scale) if entry.spread is not None else None,
     )
 
 
@@ -79,6 +80,7 @@ async def import_prototype(
         model_version=state.engine.model_version,
         labels=body.labels,
         template=body.template,
+        spread=list(body.spread) if body.spread is not None else None,
     )
     tensors = AdaptedTensors(vector, key, None).to_bytes()
     try:

@@ -56,18 +56,35 @@ def test_server_routing_agrees_with_evaluation_routing(client, data_dir):
 
     from pha_core.data import load_splits
     from pha_core.evaluate import predict_examples
+    from pha_core.source import candidates_by_template
 
     state = client.app.state.pha
     model = state.engine.model
     splits = load_splits(model.tasks, data_dir, n_train=1, max_eval=12)
     rows = [e for task in model.tasks for e in splits[task]["test"]]
     evaluated = predict_examples(model, rows)["routes"]
-    encoded = state.engine.encode([e.input for e in rows])
-    served = state.index.search(encoded.z)
+    texts = [e.input for e in rows]
+    encoded = state.engine.encode(texts)
+    # The server's path: candidates by template (catalogue), then FAISS / exact search among them.
+    served = state.pipeline._search_groups(encoded.z, [state.catalog.tasks_fitting(t) for t in texts])
     assert [r.task for r in served] == evaluated
-    expected = model.retrieve(torch.as_tensor(encoded.z))
+    templates = [state.catalog.get(t).template for t in model.tasks]
+    allowed = candidates_by_template(texts, templates)
+    expected = model.retrieve(torch.as_tensor(encoded.z), allowed=allowed)
     assert [r.score for r in served] == pytest.approx(expected.scores[:, 0].tolist(), abs=1e-5)
-    assert [r.margin for r in served] == pytest.approx(expected.margin.tolist(), abs=1e-5)
+    margins = [float("nan") if r.margin is None else r.margin for r in served]
+    assert margins == pytest.approx(expected.margin.tolist(), abs=1e-5, nan_ok=True)
     # And over HTTP: what /predict reports is that route.
     body = client.post("/predict", json={"inputs": [e.input for e in rows[:4]]}).json()["predictions"]
     assert [p["route"]["task"] for p in body] == evaluated[:4]
+
+
+def test_inputs_of_no_task_are_answered_no_task_fits_and_task_rows_are_served(client):
+    """The demo ships its route calibration; inputs written as no template fit no task, a review does."""
+    assert client.app.state.pha.pipeline.policy.calibration is not None
+    texts = ["hello world", "def f(x): return x+1", "sentence: a gripping, beautifully acted film"]
+    hello, code, review = client.post("/predict", json={"inputs": texts}).json()["predictions"]
+    for p in (hello, code):
+        assert p["output"] is None and p["route"]["fits"] is False and p["route"]["candidates"] == 0
+    assert review["output"] == "positive" and review["route"]["fits"] is True
+    assert review["route"]["typicality"] > 0.02 and 0.5 < review["route"]["confidence"] <= 1.0

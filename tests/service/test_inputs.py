@@ -36,12 +36,17 @@ def test_fields_narrow_routing_to_the_tasks_that_take_them(client):
             "margin": None,  # the only candidate
             "candidates": 1,
             "low_confidence": p["low_confidence"],
+            "confidence": None,  # the tiny model has no calibration
+            "typicality": None,
+            "fits": True,
+            "reason": None,
         }
 
 
-def test_text_routes_among_every_task_and_pinned_has_no_cosine(client):
-    (routed,) = predict(client, inputs=RTE)
-    assert routed["route"]["candidates"] == 3 and routed["route"]["cosine"] == routed["score"]
+def test_text_routes_among_the_tasks_written_so_and_pinned_has_no_cosine(client):
+    (routed,) = predict(client, inputs=RTE)  # only rte's template is sentence1/sentence2 among the tiny tasks
+    assert routed["route"]["candidates"] == 1 and routed["route"]["cosine"] == routed["score"]
+    assert routed["task"] == "rte" and routed["route"]["fits"] is True
     (pinned,) = predict(client, inputs=RTE, task="rte")
     assert pinned["route"] == {
         "task": "rte",
@@ -50,7 +55,20 @@ def test_text_routes_among_every_task_and_pinned_has_no_cosine(client):
         "margin": None,
         "candidates": None,
         "low_confidence": False,
+        "confidence": None,
+        "typicality": None,
+        "fits": True,
+        "reason": None,
     }
+
+
+def test_text_written_as_no_template_fits_no_task_but_can_be_pinned(client):
+    (p,) = predict(client, inputs="hello world")
+    assert p["output"] is None and p["probabilities"] is None
+    assert p["route"]["fits"] is False and p["route"]["task"] is None and p["route"]["candidates"] == 0
+    assert "template" in p["route"]["reason"] and p["low_confidence"] is True
+    (pinned,) = predict(client, inputs="hello world", task="sst2")  # naming the task skips routing
+    assert pinned["output"] in ("negative", "positive") and pinned["route"]["fits"] is True
 
 
 @pytest.mark.parametrize(
