@@ -16,7 +16,6 @@ from pydantic import (
     ConfigDict,
     Field,
     FiniteFloat,
-    PositiveFloat,
     StrictBool,
     StrictInt,
     StrictStr,
@@ -246,7 +245,7 @@ class PrototypeInfo(BaseModel):
     key: list[float] | None = Field(
         None, description="the routing key, when it differs from the prototype (only with include_vector=true)"
     )
-    spread: tuple[float, float] | None = Field(
+    spread: list[float] | None = Field(
         None, description="[median, IQR] of its held-out inputs' route cosines (typicality); null: not fitted"
     )
 
@@ -399,9 +398,18 @@ class ImportRequest(BaseModel):
         None, description="model version the prototype was made for (GET /readyz); refused (409) when different"
     )
     examples: StrictInt | None = Field(None, ge=0, description="examples it was learnt from, when known")
-    spread: tuple[FiniteFloat, PositiveFloat] | None = Field(
+    spread: list[FiniteFloat] | None = Field(
         None,
-        description="[median, interquartile range] of its held-out inputs' cosines to the key, for typicality "
-        "(route.typicality); null: its routes are never turned away as fitting no task",
+        min_length=2,
+        max_length=2,
+        description="[median, interquartile range > 0] of its held-out inputs' cosines to the key, for "
+        "typicality (route.typicality); null: its routes are never turned away as fitting no task",
     )
     replace: StrictBool = Field(False, description="overwrite an adapted task of the same name")
+
+    @field_validator("spread")
+    @classmethod
+    def _positive_scale(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and value[1] <= 0:
+            raise ValueError("spread is [median, interquartile range]: the range must be > 0")
+        return value

@@ -51,6 +51,8 @@ def test_an_exported_task_imports_under_a_new_name_and_answers_like_the_original
         ({"labels": ["yes", "yes"]}, 422, "distinct"),
         ({"template": "no placeholders"}, 422, "placeholders"),
         ({"template": "broken {"}, 422, "placeholders"),
+        ({"spread": [0.8, 0.0]}, 422, "must be > 0"),
+        ({"spread": [0.8]}, 422, "at least 2"),
     ],
 )
 def test_bad_imports_are_refused_and_nothing_is_registered(client, change, status, says):
@@ -64,3 +66,13 @@ def test_import_needs_the_key_and_cannot_overwrite_a_trained_task(client):
     assert client.put("/prototypes/x", json=body).status_code == 401
     conflict = client.put("/prototypes/rte", json={**body, "replace": True}, headers=AUTH)
     assert conflict.status_code == 409 and "trained task" in conflict.json()["detail"]
+
+
+def test_an_imported_spread_is_kept_and_exported(client):
+    body = {**_export(client, "mnli"), "spread": [0.84, 0.007]}
+    assert client.put("/prototypes/nli-spread", json=body, headers=AUTH).status_code == 201
+    exported = client.get("/prototypes/nli-spread", params={"include_vector": "true"}).json()
+    assert exported["spread"] == pytest.approx([0.84, 0.007])
+    # The tiny model has no calibration: the spread is kept but no route is turned away for it.
+    routed = client.post("/predict", json={"inputs": MNLI}).json()["predictions"][0]
+    assert routed["route"]["typicality"] is None and routed["route"]["fits"] is True
