@@ -121,7 +121,10 @@ class PHAModel(nn.Module):
             enc_weights = [w.index_select(source.owner) for w in self._generated_weights(task_ids)]
             enc_weights = enc_weights[: self.n_encoder_layers]
         with self.encoder_context.use(enc_weights):
-            if self.field_tokens is None or enc_weights is not None:  # per-row encoder adapters: one call
+            # One call for per-row encoder adapters, and for joint training batches (length buckets already,
+            # batching.collate_buckets); fields, and inference batches that mix lengths (a serving batch mixes
+            # tasks: real GLUE rows of 10 to 250 tokens) go in length-sorted chunks that pad far less.
+            if enc_weights is not None or (self.field_tokens is None and self.training):
                 hidden = self.backbone.encode(source.segment_ids, source.segment_mask)
             else:
                 hidden = encode_by_length(self.backbone.encode, source)

@@ -90,6 +90,7 @@ class MicroBatcher:
         self._slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
         self._running: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
+        self._last_size = 1  # texts in the last batch: whether concurrent requests are to be waited for
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="pha-batcher")
@@ -126,10 +127,17 @@ class MicroBatcher:
         """The oldest waiting item, then more until max_batch or until the oldest has waited max_wait.
 
         The wait counts from the oldest item's arrival (like Triton's max queue delay): under load the queue
-        filled while the previous batch ran, the oldest item is already late, and the batch leaves at once; an
-        idle server waits at most max_wait for a burst of concurrent requests to join the first one.
+        filled while the previous batch ran, the oldest item is already late, and the batch leaves at once.
+        When the last batch was a single text, requests are coming one at a time and waiting would only add
+        latency (every request at concurrency 1 waited the full max_wait): the batch leaves with what is
+        queued now. After a larger batch the clients of that batch are about to send again, so it waits.
         """
         batch = [await self._queue.get()]
+        if self._last_size <= 1:
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            self._last_size = len(batch)
+            return batch
         deadline = batch[0].enqueued + self._max_wait_s
         while len(batch) < self._max_batch:
             if not self._queue.empty():
@@ -142,6 +150,7 @@ class MicroBatcher:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
             except asyncio.TimeoutError:  # not the builtin on Python 3.10
                 break
+        self._last_size = len(batch)
         return batch
 
     async def _process(self, batch: list[WorkItem]) -> None:
