@@ -74,6 +74,16 @@ class Backbone(nn.Module):
         """Logits [B, T, V] for the decoder inputs, and the updated cache when `use_cache`."""
         raise NotImplementedError
 
+    def decode_states(
+        self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The decoder's last hidden states [B, T, d]: `decode` before the LM head (`lm_head` gives its logits)."""
+        raise NotImplementedError
+
+    def lm_head(self, states: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] of decoder states [..., d]; lm_head(decode_states(x)) == decode(x) logits."""
+        raise NotImplementedError
+
     def encoder_ffn_sites(self) -> list[FFNSite]:
         raise NotImplementedError
 
@@ -223,6 +233,14 @@ class MiniLMBackbone(Backbone):
         )
         return out.logits, output_cache(out, self._cache_kw)
 
+    def decode_states(self, decoder_input_ids, encoder_hidden, encoder_mask):
+        return self.decoder.bert(
+            input_ids=decoder_input_ids, encoder_hidden_states=encoder_hidden, encoder_attention_mask=encoder_mask
+        ).last_hidden_state
+
+    def lm_head(self, states):
+        return self.decoder.cls(states)
+
     def encoder_ffn_sites(self) -> list[FFNSite]:
         return [FFNSite(layer, "output", "post_ln") for layer in self.encoder.encoder.layer]
 
@@ -292,6 +310,17 @@ class T5Backbone(Backbone):
             **{self._cache_kw: cache},
         )
         return out.logits, output_cache(out, self._cache_kw)
+
+    def decode_states(self, decoder_input_ids, encoder_hidden, encoder_mask):
+        return self.model.decoder(
+            input_ids=decoder_input_ids, encoder_hidden_states=encoder_hidden, encoder_attention_mask=encoder_mask
+        ).last_hidden_state
+
+    def lm_head(self, states):
+        c = self.model.config
+        if getattr(c, "scale_decoder_outputs", c.tie_word_embeddings):  # as T5ForConditionalGeneration.forward
+            states = states * (c.d_model**-0.5)
+        return self.model.lm_head(states)
 
     def _ffn_sites(self, stack: nn.Module) -> list[FFNSite]:
         return [FFNSite(block.layer[-1], "DenseReluDense", "pre_ln") for block in stack.block]

@@ -103,3 +103,25 @@ def test_greedy_decoding_stays_available(model):
     assert len(out["given"]) == len(EXAMPLES)
     with pytest.raises(ValueError, match="decoding"):
         predict_examples(model, EXAMPLES, decoding="beam")
+
+
+@pytest.mark.parametrize("kind", ["minilm", "t5"])
+@torch.no_grad()
+def test_shared_prefixes_score_as_each_candidate_alone(kind):
+    """STS-B's 26 bins share their first tokens: the head runs once per distinct prefix, the scores are those of
+    each bin's own teacher-forced pass, for both backbones."""
+    torch.manual_seed(0)
+    model = PHAModel(tiny_config(kind, tasks=["stsb", "sst2"])).eval()
+    rows = [Example("sentence1: a b. sentence2: a c.", "3.8", "stsb"), Example("sentence: fine", "positive", "sst2")]
+    batch, hidden, mask = _encoded(model, rows)
+    adapters = model.decoder_adapters(batch.task_ids)
+    spaces = [AnswerSpace.of_task("stsb"), AnswerSpace.of_task("sst2")]
+    scores = label_log_likelihoods(model, hidden, mask, adapters, [candidate_ids(model.backbone, s) for s in spaces])
+    for row, (space, got) in enumerate(zip(spaces, scores, strict=True)):
+        one_adapters = [w.index_select(torch.tensor([row])) for w in adapters]
+        for word, score in zip(space.words, got.tolist(), strict=True):
+            one = collate(model.backbone, [Example(rows[row].input, word, rows[row].task)], {rows[row].task: 0}, 64, 8)
+            with model.decoder_context.use(one_adapters):
+                logits, _ = model.backbone.decode(one.decoder_input_ids, hidden[row : row + 1], mask[row : row + 1])
+            ce = torch.nn.functional.cross_entropy(logits[0], one.labels[0], ignore_index=-100, reduction="sum")
+            assert score == pytest.approx(-float(ce), abs=1e-4), (kind, word)
