@@ -54,6 +54,13 @@ def wait_for_metric(client: TestClient, name: str, value: float, timeout: float 
         time.sleep(0.01)
 
 
+def predictions(client: TestClient, **body: object) -> list[dict]:
+    """POST /predict with `body`; the predictions of its 200 answer."""
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
+
+
 def metric(client: TestClient, name: str, **labels: str) -> float:
     """The value of one sample of /metrics (0.0 when absent)."""
     for family in text_string_to_metric_families(client.get("/metrics").text):

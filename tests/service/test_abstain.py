@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from service_helpers import metric, running_app
+from service_helpers import metric, predictions, running_app
 
 from pha_core.calibration import LEVELS, RouteCalibration, Spread
 
@@ -25,15 +25,9 @@ def calibrated(tiny_checkpoint, tmp_path_factory):
     return path
 
 
-def predict(client, **body):
-    response = client.post("/predict", json=body)
-    assert response.status_code == 200, response.text
-    return response.json()["predictions"]
-
-
 def test_abstains_when_the_input_is_untypical_of_its_nearest_task(calibrated):
     with running_app(calibrated) as client:
-        untypical, typical = predict(client, inputs=[SST2, RTE])
+        untypical, typical = predictions(client, inputs=[SST2, RTE])
         assert untypical["output"] is None and untypical["probabilities"] is None
         assert untypical["route"]["task"] == "sst2" and untypical["route"]["fits"] is False
         assert untypical["route"]["typicality"] == 0.0 and "typicality" in untypical["route"]["reason"]
@@ -41,7 +35,7 @@ def test_abstains_when_the_input_is_untypical_of_its_nearest_task(calibrated):
         assert typical["output"] in ("entailment", "not_entailment") and typical["route"]["fits"] is True
         assert typical["route"]["typicality"] == 1.0 and typical["route"]["reason"] is None
         assert metric(client, "pha_no_task_fits_total", why="typicality") == 1.0
-        (pinned,) = predict(client, inputs=SST2, task="sst2")  # a named task is never second-guessed
+        (pinned,) = predictions(client, inputs=SST2, task="sst2")  # a named task is never second-guessed
         assert pinned["output"] in ("negative", "positive") and pinned["route"]["typicality"] is None
         assert client.get("/prototypes/sst2").json()["spread"] == [5.0, 0.01]
 
@@ -51,16 +45,16 @@ def test_refuse_policy_answers_422_and_flag_policy_serves_anyway(calibrated):
         response = client.post("/predict", json={"inputs": [RTE, SST2]})
         assert response.status_code == 422 and "no task fits" in response.json()["detail"]
         assert client.post("/predict", json={"inputs": "hello world"}).status_code == 422
-        assert predict(client, inputs=RTE)[0]["route"]["fits"] is True
+        assert predictions(client, inputs=RTE)[0]["route"]["fits"] is True
     with running_app(calibrated, no_fit_action="flag") as client:
-        (flagged,) = predict(client, inputs=SST2)
+        (flagged,) = predictions(client, inputs=SST2)
         assert flagged["output"] in ("negative", "positive") and flagged["route"]["fits"] is False
         assert flagged["low_confidence"] is True
-        (anywhere,) = predict(client, inputs="hello world")  # routed among every task, flagged
+        (anywhere,) = predictions(client, inputs="hello world")  # routed among every task, flagged
         assert anywhere["output"] is not None and anywhere["route"]["candidates"] == 3
 
 
 def test_a_threshold_of_zero_turns_nothing_away(calibrated):
     with running_app(calibrated, min_route_typicality=0.0) as client:
-        (p,) = predict(client, inputs=SST2)
+        (p,) = predictions(client, inputs=SST2)
         assert p["output"] in ("negative", "positive") and p["route"]["fits"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from service_helpers import predictions
 
 RTE = "sentence1: The cat sat on the mat. sentence2: A cat is sitting."
 MNLI = {"premise": "A man plays a guitar on stage.", "hypothesis": "A person makes music."}
@@ -13,22 +14,16 @@ def client(tiny_client):
     return tiny_client
 
 
-def predict(client, **body):
-    response = client.post("/predict", json=body)
-    assert response.status_code == 200, response.text
-    return response.json()["predictions"]
-
-
 def test_fields_are_formatted_with_the_tasks_template(client):
-    (fields,) = predict(client, inputs=MNLI, task="mnli")
-    (text,) = predict(client, inputs=f"premise: {MNLI['premise']} hypothesis: {MNLI['hypothesis']}", task="mnli")
+    (fields,) = predictions(client, inputs=MNLI, task="mnli")
+    (text,) = predictions(client, inputs=f"premise: {MNLI['premise']} hypothesis: {MNLI['hypothesis']}", task="mnli")
     assert fields["output"] == text["output"] and fields["probabilities"] == text["probabilities"]
 
 
 def test_fields_narrow_routing_to_the_tasks_that_take_them(client):
     # The tiny model's tasks: sst2 (sentence), rte (sentence1, sentence2), mnli (premise, hypothesis).
     for item, task in ((MNLI, "mnli"), ({"sentence": "a fine film"}, "sst2")):
-        (p,) = predict(client, inputs=[item])
+        (p,) = predictions(client, inputs=[item])
         assert p["task"] == task and p["route"] == {
             "task": task,
             "routed": True,
@@ -44,10 +39,10 @@ def test_fields_narrow_routing_to_the_tasks_that_take_them(client):
 
 
 def test_text_routes_among_the_tasks_written_so_and_pinned_has_no_cosine(client):
-    (routed,) = predict(client, inputs=RTE)  # only rte's template is sentence1/sentence2 among the tiny tasks
+    (routed,) = predictions(client, inputs=RTE)  # only rte's template is sentence1/sentence2 among the tiny tasks
     assert routed["route"]["candidates"] == 1 and routed["route"]["cosine"] == routed["score"]
     assert routed["task"] == "rte" and routed["route"]["fits"] is True
-    (pinned,) = predict(client, inputs=RTE, task="rte")
+    (pinned,) = predictions(client, inputs=RTE, task="rte")
     assert pinned["route"] == {
         "task": "rte",
         "routed": False,
@@ -63,11 +58,11 @@ def test_text_routes_among_the_tasks_written_so_and_pinned_has_no_cosine(client)
 
 
 def test_text_written_as_no_template_fits_no_task_but_can_be_pinned(client):
-    (p,) = predict(client, inputs="hello world")
+    (p,) = predictions(client, inputs="hello world")
     assert p["output"] is None and p["probabilities"] is None
     assert p["route"]["fits"] is False and p["route"]["task"] is None and p["route"]["candidates"] == 0
     assert "template" in p["route"]["reason"] and p["low_confidence"] is True
-    (pinned,) = predict(client, inputs="hello world", task="sst2")  # naming the task skips routing
+    (pinned,) = predictions(client, inputs="hello world", task="sst2")  # naming the task skips routing
     assert pinned["output"] in ("negative", "positive") and pinned["route"]["fits"] is True
 
 
@@ -91,7 +86,7 @@ def test_truncate_cuts_what_is_over_the_window_and_says_how_much(client):
     window = client.app.state.pha.engine.config.max_source_length
     long = "sentence: " + "very " * (window + 20) + "good"
     assert client.post("/predict", json={"inputs": long}).status_code == 422
-    cut, whole = predict(client, inputs=[long, "sentence: short"], truncate=True)
+    cut, whole = predictions(client, inputs=[long, "sentence: short"], truncate=True)
     tokens = client.app.state.pha.engine.count_tokens([long])[0]
     assert cut["truncated"]["tokens"] == tokens - window
     assert cut["truncated"]["characters"] >= 5 * 20 and whole["truncated"] is None
