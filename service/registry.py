@@ -24,6 +24,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pha_core.adapt import AdaptResult
 
 MANIFEST = "manifest.json"
 # Lower-case letters, digits and . _ -; starts with a letter or digit; no path separators or control characters.
@@ -43,26 +47,47 @@ def check_name(name: str) -> str:
     return name
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RegisteredTask:
-    """One adapted task as the manifest records it (tensors live in `file`)."""
+    """One adapted task as the manifest records it (tensors live in `file`). Built with `adapted` (a worker's
+    job) or `imported` (PUT /prototypes); `file` and `sha256` are the registry's to set."""
 
     name: str
-    file: str
-    sha256: str
     mode: str
-    source_task: str
-    source_score: float
-    k: int
-    steps: int
-    final_loss: float
     job_id: str
     model_version: str
+    file: str = ""
+    sha256: str = ""
+    source_task: str = ""
+    source_score: float = 0.0
+    k: int = 0
+    steps: int = 0
+    final_loss: float = 0.0
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     labels: list[str] | None = None
     heldout: dict[str, float] | None = None
     template: str | None = None
     spread: list[float] | None = None  # [center, scale] of its examples' route cosines (typicality); None: none
+
+    @classmethod
+    def adapted(
+        cls, name: str, result: AdaptResult, *, job_id: str, model_version: str, **extra: object
+    ) -> RegisteredTask:
+        """The record of a task `pha_core.adapt.adapt_task` made (extra: labels, heldout, template)."""
+        spread = [result.spread.center, result.spread.scale] if result.spread is not None else None
+        return cls(
+            name=name,
+            mode=result.mode,
+            job_id=job_id,
+            model_version=model_version,
+            source_task=result.source_task,
+            source_score=result.source_score,
+            k=result.k,
+            steps=result.steps,
+            final_loss=result.final_loss,
+            spread=spread,
+            **extra,
+        )
 
 
 @dataclass

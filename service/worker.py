@@ -136,21 +136,13 @@ class Worker:
         if p.get("heldout"):
             held = [Example(e["input"], e["target"], p["task"]) for e in p["heldout"]]
             heldout = score_adapted(engine.model, result, held, engine.trained_prototypes())
-        entry = RegisteredTask(
-            name=p["task"],
-            file="",
-            sha256="",
-            mode=p["mode"],
-            source_task=result.source_task,
-            source_score=result.source_score,
-            k=result.k,
-            steps=result.steps,
-            final_loss=result.final_loss,
+        entry = RegisteredTask.adapted(
+            p["task"],
+            result,
             job_id=d.job_id,
             model_version=engine.model_version,
             labels=sorted({e.target for e in examples}),
             heldout=heldout,
-            spread=[result.spread.center, result.spread.scale] if result.spread is not None else None,
         )
         try:
             registered, created = self.registry.register(

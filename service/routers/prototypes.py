@@ -68,16 +68,10 @@ async def import_prototype(
     existing = state.catalog.get(name)
     entry = RegisteredTask(
         name=name,
-        file="",
-        sha256="",
         mode="imported",
-        source_task="",
-        source_score=0.0,
-        k=body.examples or 0,
-        steps=0,
-        final_loss=0.0,
         job_id="import-" + hashlib.sha256(body.model_dump_json().encode()).hexdigest()[:24],
         model_version=state.engine.model_version,
+        k=body.examples or 0,
         labels=body.labels,
         template=body.template,
         spread=list(body.spread) if body.spread is not None else None,
