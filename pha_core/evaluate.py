@@ -16,7 +16,7 @@ from .metrics import score, task_metrics
 from .model import PHAModel
 from .scoring import AnswerSpace, rank
 from .source import candidates_by_template
-from .tasks import TASKS, Example, get_task
+from .tasks import Example, templates_of
 
 DECODINGS = ("rank", "greedy")
 
@@ -48,7 +48,7 @@ def predict_examples(
             return [bb.decode_text(row) for row in model.greedy_decode(hidden, mask, adapters, new_tokens)]
         return [s.output for s in rank(model, hidden, mask, adapters, spaces, ids_of)]
 
-    templates = [get_task(t).template if t in TASKS else None for t in model.tasks]
+    templates = templates_of(model.tasks)
     given, retrieved, routes = [], [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]

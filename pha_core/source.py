@@ -59,8 +59,7 @@ def split_fields(text: str) -> list[str]:
 def candidates_by_template(texts: list[str], templates: list[str | None]) -> torch.Tensor:
     """[B, T] bool: whether text b is written as task t's template is (a task without a template takes any
     text): the routing candidates of every input, as the server narrows them (tasks.template_pattern)."""
-    patterns = [template_pattern(t) if t else None for t in dict.fromkeys(templates)]
-    fits = {t: p for t, p in zip(dict.fromkeys(templates), patterns, strict=True)}
+    fits = {t: template_pattern(t) if t else None for t in dict.fromkeys(templates)}  # one pattern per template
     rows = [[fits[t] is None or fits[t].fullmatch(text) is not None for t in templates] for text in texts]
     return torch.tensor(rows, dtype=torch.bool).view(len(texts), len(templates))
 

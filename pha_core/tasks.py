@@ -17,7 +17,7 @@ import csv
 import json
 import re
 import string
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
@@ -210,6 +210,11 @@ FIELD_MARKERS: tuple[str, ...] = tuple(
         }
     )
 )
+
+
+def templates_of(names: Iterable[str]) -> list[str | None]:
+    """The catalogue template of each task name (None for a name the catalogue does not know)."""
+    return [TASKS[n].template if n in TASKS else None for n in names]
 
 
 def get_task(name: str) -> TaskSpec:

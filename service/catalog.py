@@ -9,6 +9,7 @@ adapters. The registry, not this in-memory catalogue, is the source of truth of 
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -104,6 +105,31 @@ def trained_entries(
     return entries
 
 
+@dataclass(frozen=True)
+class _TemplateIndex:
+    """The tasks of one catalogue version by how their inputs are written."""
+
+    version: int
+    by_fields: dict[frozenset[str], dict[str, tuple[str, ...]]]  # fields -> {template: names}
+    patterns: list[tuple[re.Pattern[str], tuple[str, ...]]]  # (what the template's texts look like, names)
+    free: tuple[str, ...]  # tasks without a template: they take any text
+
+    @classmethod
+    def of(cls, version: int, entries: Iterable[TaskEntry]) -> _TemplateIndex:
+        by_template: dict[str, tuple[str, ...]] = {}
+        free = []
+        for entry in entries:
+            if entry.template:
+                by_template[entry.template] = (*by_template.get(entry.template, ()), entry.name)
+            else:
+                free.append(entry.name)
+        by_fields: dict[frozenset[str], dict[str, tuple[str, ...]]] = {}
+        for template, names in by_template.items():
+            by_fields.setdefault(frozenset(template_fields(template)), {})[template] = names
+        patterns = [(template_pattern(t), names) for t, names in by_template.items()]
+        return cls(version, by_fields, patterns, tuple(free))
+
+
 class TaskCatalog:
     """Tasks by name, kept in step with a `PrototypeIndex`. Thread-safe; reads never block on the index."""
 
@@ -113,8 +139,7 @@ class TaskCatalog:
         self._entries = {e.name: e for e in entries}
         self._listeners: list[Listener] = []
         self.version = 1
-        self._by_fields: tuple[int, dict] = (0, {})
-        self._by_template: tuple[int, list, tuple[str, ...]] = (0, [], ())
+        self._template_index = _TemplateIndex.of(0, ())
         index.replace_all({name: e.routing_key for name, e in self._entries.items()})
 
     def __len__(self) -> int:
@@ -130,38 +155,28 @@ class TaskCatalog:
         return list(self._entries.values())
 
     def templates_taking(self, fields: Iterable[str]) -> dict[str, tuple[str, ...]]:
-        """{template: task names} for the templates whose placeholders are exactly `fields` (structured inputs).
-
-        Built once per catalogue version, so a request costs a dict lookup, not a scan of every task.
-        """
-        version, index = self._by_fields
-        if version != self.version:
-            index = {}
-            for entry in self._entries.values():
-                if entry.template:
-                    per_template = index.setdefault(frozenset(template_fields(entry.template)), {})
-                    per_template[entry.template] = (*per_template.get(entry.template, ()), entry.name)
-            self._by_fields = (self.version, index)
-        return index.get(frozenset(fields), {})
+        """{template: task names} for the templates whose placeholders are exactly `fields` (structured inputs)."""
+        return self._templates().by_fields.get(frozenset(fields), {})
 
     def tasks_fitting(self, text: str) -> tuple[str, ...] | None:
         """The tasks a plain text may be routed among: those whose template it is written with, and those
         without a template; None when that is every task. Empty: no task takes a text written so."""
-        version, patterns, free = self._by_template
-        if version != self.version:
-            by_template: dict[str, tuple[str, ...]] = {}
-            for entry in self._entries.values():
-                if entry.template:
-                    by_template[entry.template] = (*by_template.get(entry.template, ()), entry.name)
-            patterns = [(template_pattern(t), names) for t, names in by_template.items()]
-            free = tuple(e.name for e in self._entries.values() if not e.template)
-            self._by_template = (self.version, patterns, free)
-        if not patterns:
+        index = self._templates()
+        if not index.patterns:
             return None
-        fitting = [name for pattern, names in patterns if pattern.fullmatch(text) for name in names]
-        if len(fitting) + len(free) == len(self._entries):
+        fitting = [name for pattern, names in index.patterns if pattern.fullmatch(text) for name in names]
+        if len(fitting) + len(index.free) == len(self._entries):
             return None
-        return (*fitting, *free)
+        return (*fitting, *index.free)
+
+    def _templates(self) -> _TemplateIndex:
+        """The tasks by template, built once per catalogue version: a request costs lookups, not a scan of
+        every task."""
+        index = self._template_index
+        if index.version != self.version:
+            index = _TemplateIndex.of(self.version, self._entries.values())
+            self._template_index = index
+        return index
 
     def field_sets(self) -> list[list[str]]:
         """Every template's fields, for error messages."""

@@ -75,7 +75,7 @@ def _from_checkpoint(path: Path, source: str, device: str) -> LoadedModel:
     if calibration is None:
         log.warning(
             "the checkpoint has no route calibration: routed inputs are never turned away as fitting no task; "
-            f"fit one with `pha calibrate {source}`"
+            f"fit one with `pha calibrate {path}`"
         )
     examples = n_train if isinstance(n_train, int) else None
     return LoadedModel(Engine(model), source, created, examples, calibration)

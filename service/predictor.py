@@ -17,6 +17,7 @@ from .errors import ServiceError
 from .limits import RequestLimits
 from .logging import annotate
 from .metrics import Metrics
+from .pipeline import RoutePolicy
 from .schemas import Prediction, PredictRequest, PredictResponse, RouteInfo, Truncation
 
 
@@ -28,14 +29,14 @@ class Predictor:
         catalog: TaskCatalog,
         batcher: MicroBatcher,
         limits: RequestLimits,
-        no_fit_action: str = "abstain",
+        policy: RoutePolicy | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.catalog = catalog
         self.batcher = batcher
         self.limits = limits
-        self.no_fit_action = no_fit_action  # RoutePolicy.no_fit_action, for texts that fit no task's template
+        self.no_fit_action = "abstain" if policy is None else policy.no_fit_action  # texts fitting no template
         self.metrics = metrics
 
     async def predict(self, request: PredictRequest) -> PredictResponse:

@@ -128,7 +128,7 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
         catalog=catalog,
         batcher=batcher,
         limits=limits,
-        no_fit_action=settings.no_fit_action,
+        policy=policy,
         metrics=metrics,
     )
     limiter = ConcurrencyLimiter(settings.max_concurrent_requests, settings.retry_after_seconds, metrics)
