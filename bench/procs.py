@@ -148,19 +148,20 @@ class PrivateRedis:
     """A redis-server of the caller alone, on a free port, with the AOF on (as docker-compose.yml runs it), so a
     restart on the same folder brings the job stream back. Stopping it never disturbs any other Redis."""
 
-    def __init__(self, folder: Path, appendonly: bool = True) -> None:
+    def __init__(self, folder: Path, appendonly: bool = True, appendfsync: str = "everysec") -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed")
         self.folder = folder
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.appendonly = appendonly
+        self.appendfsync = appendfsync  # "always": every acknowledged write is on disk (the registry store's need)
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20) -> PrivateRedis:
         self.folder.mkdir(parents=True, exist_ok=True)
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder)]
-        cmd += ["--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec"]
+        cmd += ["--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync]
         log = open(self.folder / "redis.log", "ab")  # noqa: SIM115 - the server writes to it until stopped
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()

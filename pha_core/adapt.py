@@ -17,6 +17,8 @@ The encoder and retriever are frozen, so h and z are computed once and each step
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -189,8 +191,13 @@ class AdaptedTensors:
         return cls(result.prototype, result.key, result.adapters)
 
     def to_bytes(self) -> bytes:
-        """safetensors: `prototype`, `key`, and `adapters.<layer>.<name>` for explicit adapters."""
-        tensors = {"prototype": torch.as_tensor(self.prototype), "key": torch.as_tensor(self.key)}
+        """safetensors: `prototype`, `key` (float16: 2 bytes a number keeps a prototype-mode task under 1 KB
+        in the registry; the checkpoints store their weights so too), and `adapters.<layer>.<name>` for explicit
+        adapters."""
+        tensors = {
+            "prototype": torch.as_tensor(np.asarray(self.prototype, dtype=np.float32)).half(),
+            "key": torch.as_tensor(np.asarray(self.key, dtype=np.float32)).half(),
+        }
         if self.adapters is not None:
             parsed = st_load(self.adapters.to_bytes())
             tensors.update({f"adapters.{name}": t for name, t in parsed.items()})
@@ -198,7 +205,12 @@ class AdaptedTensors:
 
     @classmethod
     def from_bytes(cls, data: bytes, n_layers: int) -> AdaptedTensors:
+        """Parse `to_bytes` output. `prototype` and `key` come back as stored (float16 unless written otherwise):
+        a replica keeps them so, at 2 bytes a number."""
         try:
+            vectors = _vectors_only(data)
+            if vectors is not None:  # a prototype-mode task: no torch, no adapters (a replica reads a million)
+                return cls(*vectors, None)
             tensors = st_load(data)
             adapters = None
             if any(name.startswith("adapters.") for name in tensors):
@@ -207,6 +219,50 @@ class AdaptedTensors:
             return cls(tensors["prototype"].numpy(), tensors["key"].numpy(), adapters)
         except Exception as exc:  # safetensors raises its own types for corrupt bytes
             raise ValueError(f"not a valid adapted-task file: {exc}") from exc
+
+
+_NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32}
+
+
+@functools.lru_cache(maxsize=16)
+def _layout(header: bytes) -> tuple[tuple[str, object, int, int], ...] | None:
+    """The (name, dtype, start, stop) of a safetensors header holding exactly `prototype` and `key` (1-d),
+    else None. Cached: every prototype-mode task of one model has the same header."""
+    meta = json.loads(header)
+    names = sorted(k for k in meta if k != "__metadata__")
+    if names != ["key", "prototype"]:
+        return None
+    out = []
+    for name in names:
+        info = meta[name]
+        dtype = _NUMPY_DTYPES.get(info["dtype"])
+        if dtype is None or len(info["shape"]) != 1:
+            return None
+        start, stop = info["data_offsets"]
+        if stop - start != info["shape"][0] * np.dtype(dtype).itemsize:
+            raise ValueError(f"tensor {name!r} has {stop - start} bytes for shape {info['shape']}")
+        out.append((name, dtype, start, stop))
+    return tuple(out)
+
+
+def _vectors_only(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    """(prototype, key) straight from the bytes of a file without adapters; None when it has more."""
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ValueError("header runs past the end of the file")
+    layout = _layout(bytes(data[8 : 8 + size]))
+    if layout is None:
+        return None
+    parts = {}
+    for name, dtype, start, stop in layout:
+        if 8 + size + stop > len(data):
+            raise ValueError(f"tensor {name!r} runs past the end of the file")
+        count = (stop - start) // np.dtype(dtype).itemsize
+        # A copy: a view would keep the whole file (and its buffer objects) alive for as long as the vector.
+        parts[name] = np.frombuffer(data, dtype=dtype, count=count, offset=8 + size + start).copy()
+    return parts["prototype"], parts["key"]
 
 
 def adapted_adapters(model: PHAModel, result: AdaptResult) -> AdapterSet:

@@ -56,7 +56,7 @@ class WorkItem:
     backbone_only: bool
     future: asyncio.Future[ItemResult]
     enqueued: float = field(default_factory=time.perf_counter)
-    among: tuple[str, ...] | None = None  # route only among these tasks (a structured input's), None: all
+    among: tuple[str | None, ...] | None = None  # route only among these task groups (templates), None: all
 
     @property
     def live(self) -> bool:

@@ -22,12 +22,14 @@ from pha_core.inference import AdapterSet
 
 from .catalog import TaskEntry
 from .metrics import Metrics
+from .redis_client import connect_async
+from .redis_names import ADAPTER_PREFIX
 
 log = logging.getLogger("pha.cache")
 
 Tier = Literal["l1", "redis", "regenerated"]
 RedisState = Literal["ok", "degraded", "disabled"]
-KEY_PREFIX = "pha:adapter"
+KEY_PREFIX = ADAPTER_PREFIX
 
 
 def adapter_key(model_version: str, entry: TaskEntry) -> str:
@@ -38,15 +40,7 @@ class RedisTier:
     """Redis GET/SET of adapter bytes with short timeouts, no client retries, and a back-off after errors."""
 
     def __init__(self, url: str, *, timeout: float, ttl: int, backoff: float, metrics: Metrics) -> None:
-        from redis.asyncio import ConnectionPool, Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        # The client's default retries (several, with back-off) would multiply a dead Redis's timeout per call.
-        pool = ConnectionPool.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
-        )
-        self._client = Redis(connection_pool=pool)
+        self._client = connect_async(url, timeout=timeout, retries=False)
         self._ttl = ttl
         self._backoff = backoff
         self._metrics = metrics
@@ -133,12 +127,21 @@ class AdapterCache:
     """`get_or_create(entry, generate)`: L1, then Redis, then `generate` (once per key, even when concurrent)."""
 
     def __init__(
-        self, *, model_version: str, n_layers: int, l1_size: int, redis: RedisTier | None, metrics: Metrics
+        self,
+        *,
+        model_version: str,
+        n_layers: int,
+        l1_size: int,
+        redis: RedisTier | None,
+        metrics: Metrics,
+        l1_bytes: int | None = None,
     ) -> None:
         self.model_version = model_version
         self.redis = redis
         self._n_layers = n_layers
         self._l1_size = l1_size
+        self._l1_budget = l1_bytes  # None: bounded by count only
+        self._l1_bytes = 0
         self._l1: OrderedDict[str, AdapterSet] = OrderedDict()
         self._pending: dict[str, asyncio.Future[AdapterSet]] = {}
         self._background: set[asyncio.Task] = set()
@@ -208,7 +211,7 @@ class AdapterCache:
         prefix = f"{KEY_PREFIX}:{self.model_version}:{task}:"
         stale = [k for k in self._l1 if k.startswith(prefix)]
         for key in stale:
-            del self._l1[key]
+            self._l1_bytes -= self._l1.pop(key).nbytes
         if self.redis is not None and stale:
             # Redis entries would only expire (their key names a prototype that no longer exists): delete them
             # in the background, as a courtesy to memory, without holding up the caller.
@@ -239,10 +242,21 @@ class AdapterCache:
         return adapters
 
     def _l1_put(self, key: str, adapters: AdapterSet) -> None:
+        old = self._l1.pop(key, None)
+        if old is not None:
+            self._l1_bytes -= old.nbytes
         self._l1[key] = adapters
-        self._l1.move_to_end(key)
-        while len(self._l1) > self._l1_size:
-            self._l1.popitem(last=False)
+        self._l1_bytes += adapters.nbytes
+        over_budget = self._l1_budget is not None and self._l1_bytes > self._l1_budget
+        while len(self._l1) > 1 and (len(self._l1) > self._l1_size or over_budget):
+            _, evicted = self._l1.popitem(last=False)
+            self._l1_bytes -= evicted.nbytes
+            over_budget = self._l1_budget is not None and self._l1_bytes > self._l1_budget
+
+    @property
+    def l1_bytes(self) -> int:
+        """Bytes of the adapter sets in L1 now."""
+        return self._l1_bytes
 
     def _count(self, adapters: AdapterSet, tier: Tier) -> tuple[AdapterSet, Tier]:
         self._metrics.cache_lookups.labels(tier).inc()

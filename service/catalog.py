@@ -12,7 +12,7 @@ import hashlib
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
 
@@ -23,12 +23,13 @@ from pha_core.inference import AdapterSet
 from pha_core.scoring import AnswerSpace
 from pha_core.tasks import TASKS, template_fields, template_pattern
 
-from .routing import PrototypeIndex
+from .registry import name_taken
+from .routing import Group, PrototypeIndex
 
 Source = Literal["trained", "adapted"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskEntry:
     """One task.
 
@@ -79,6 +80,25 @@ class TaskEntry:
 Listener = Callable[[TaskEntry | None, TaskEntry | None], None]
 
 
+@dataclass(frozen=True)
+class _Shapes:
+    """How the catalogue's inputs are written: its templates by their fields and as patterns (re-made only
+    when a template comes or goes, so a request costs lookups, not a scan of every task)."""
+
+    by_fields: dict[frozenset[str], list[str]]
+    patterns: list[tuple[str, re.Pattern[str]]]
+    free: bool  # some tasks have no template: they take any text
+
+    @classmethod
+    def of(cls, templates: Iterable[str | None]) -> _Shapes:
+        named = sorted(t for t in templates if t)
+        by_fields: dict[frozenset[str], list[str]] = {}
+        for template in named:
+            by_fields.setdefault(frozenset(template_fields(template)), []).append(template)
+        free = any(t is None or t == "" for t in templates)
+        return cls(by_fields, [(t, template_pattern(t)) for t in named], free)
+
+
 def trained_entries(
     tasks: list[str],
     prototypes: np.ndarray,
@@ -105,42 +125,23 @@ def trained_entries(
     return entries
 
 
-@dataclass(frozen=True)
-class _TemplateIndex:
-    """The tasks of one catalogue version by how their inputs are written."""
-
-    version: int
-    by_fields: dict[frozenset[str], dict[str, tuple[str, ...]]]  # fields -> {template: names}
-    patterns: list[tuple[re.Pattern[str], tuple[str, ...]]]  # (what the template's texts look like, names)
-    free: tuple[str, ...]  # tasks without a template: they take any text
-
-    @classmethod
-    def of(cls, version: int, entries: Iterable[TaskEntry]) -> _TemplateIndex:
-        by_template: dict[str, tuple[str, ...]] = {}
-        free = []
-        for entry in entries:
-            if entry.template:
-                by_template[entry.template] = (*by_template.get(entry.template, ()), entry.name)
-            else:
-                free.append(entry.name)
-        by_fields: dict[frozenset[str], dict[str, tuple[str, ...]]] = {}
-        for template, names in by_template.items():
-            by_fields.setdefault(frozenset(template_fields(template)), {})[template] = names
-        patterns = [(template_pattern(t), names) for t, names in by_template.items()]
-        return cls(version, by_fields, patterns, tuple(free))
-
-
 class TaskCatalog:
-    """Tasks by name, kept in step with a `PrototypeIndex`. Thread-safe; reads never block on the index."""
+    """Tasks by name, kept in step with a `PrototypeIndex`. Thread-safe: a change is O(1) (the entries are
+    patched in place under a lock; a read is one dict lookup, atomic under the GIL), so a million tasks cost a
+    change no more than ten."""
 
     def __init__(self, index: PrototypeIndex, entries: Iterable[TaskEntry] = ()) -> None:
         self.index = index
         self._lock = threading.Lock()
-        self._entries = {e.name: e for e in entries}
+        self._entries: dict[str, TaskEntry] = {}
         self._listeners: list[Listener] = []
         self.version = 1
-        self._template_index = _TemplateIndex.of(0, ())
-        index.replace_all({name: e.routing_key for name, e in self._entries.items()})
+        self._templates: dict[str | None, int] = {}  # template (None: none) -> how many tasks are written with it
+        self._shapes = _Shapes.of(())
+        for entry in entries:
+            self._entries[entry.name] = entry
+            self._count(entry.template, +1)
+        index.replace_all((e.name, e.routing_key, e.template) for e in self._entries.values())
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -149,38 +150,59 @@ class TaskCatalog:
         return self._entries.get(name)
 
     def names(self) -> list[str]:
-        return list(self._entries)
+        with self._lock:
+            return list(self._entries)
+
+    def conflict(self, name: str, replace: bool) -> str | None:
+        """Why an adapted task may not take `name` (None: it may): the one rule the API, the import and the
+        worker's registry apply (a trained task's name is never given away; a live one only with replace)."""
+        served = self._entries.get(name)
+        if served is not None and served.source == "trained":
+            return f"{name!r} is a trained task of the model; choose another name"
+        if served is not None and not replace:
+            return str(name_taken(name))
+        return None
+
+    def some_names(self, limit: int = 20) -> str:
+        """Task names for an error message: all of them when few, else the first `limit` and how many more."""
+        with self._lock:
+            names = sorted(self._entries) if len(self._entries) <= limit else list(self._entries)[:limit]
+        more = len(self._entries) - len(names)
+        return ", ".join(names) + (f" and {more} more (GET /prototypes)" if more > 0 else "")
 
     def entries(self) -> list[TaskEntry]:
-        return list(self._entries.values())
+        with self._lock:
+            return list(self._entries.values())
 
-    def templates_taking(self, fields: Iterable[str]) -> dict[str, tuple[str, ...]]:
-        """{template: task names} for the templates whose placeholders are exactly `fields` (structured inputs)."""
-        return self._templates().by_fields.get(frozenset(fields), {})
+    def templates_taking(self, fields: Iterable[str]) -> list[str]:
+        """The templates whose placeholders are exactly `fields` (structured inputs)."""
+        return self._shapes.by_fields.get(frozenset(fields), [])
 
-    def tasks_fitting(self, text: str) -> tuple[str, ...] | None:
-        """The tasks a plain text may be routed among: those whose template it is written with, and those
-        without a template; None when that is every task. Empty: no task takes a text written so."""
-        index = self._templates()
-        if not index.patterns:
+    def tasks_fitting(self, text: str) -> tuple[Group, ...] | None:
+        """The task groups (routing.Group: templates, None for tasks without one) a plain text may be routed
+        among: the templates it is written with, and the tasks without a template; None when that is every
+        group. Empty: no task takes a text written so."""
+        shapes = self._shapes
+        if not shapes.patterns:
             return None
-        fitting = [name for pattern, names in index.patterns if pattern.fullmatch(text) for name in names]
-        if len(fitting) + len(index.free) == len(self._entries):
+        fitting = [template for template, pattern in shapes.patterns if pattern.fullmatch(text)]
+        if len(fitting) == len(shapes.patterns):
             return None
-        return (*fitting, *index.free)
-
-    def _templates(self) -> _TemplateIndex:
-        """The tasks by template, built once per catalogue version: a request costs lookups, not a scan of
-        every task."""
-        index = self._template_index
-        if index.version != self.version:
-            index = _TemplateIndex.of(self.version, self._entries.values())
-            self._template_index = index
-        return index
+        return (*fitting, None) if shapes.free else tuple(fitting)
 
     def field_sets(self) -> list[list[str]]:
         """Every template's fields, for error messages."""
-        return sorted({template_fields(e.template) for e in self._entries.values() if e.template})
+        return sorted({template_fields(t) for t, _ in self._shapes.patterns})
+
+    def _count(self, template: str | None, delta: int) -> None:
+        """Track how many tasks each template has; the shapes are re-made only when a template comes or goes."""
+        n = self._templates.get(template, 0) + delta
+        if n > 0:
+            self._templates[template] = n
+        else:
+            self._templates.pop(template, None)
+        if (n == 1 and delta > 0) or n == 0:
+            self._shapes = _Shapes.of(self._templates)
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -209,18 +231,40 @@ class TaskCatalog:
             examples=examples,
             spread=spread,
         )
+        return self.upsert_many([new])[0]
+
+    def upsert_many(self, entries: list[TaskEntry]) -> list[TaskEntry]:
+        """Add or replace adapted tasks in one index update (a replica catching up applies a page at a time).
+        Entries equal to the served ones change nothing; every vector is checked before anything changes."""
+        entries = list({e.name: e for e in entries}.values())  # a name twice: its last state
         with self._lock:
-            old = self._entries.get(name)
-            if old is not None and old.source == "trained":
-                raise ValueError(f"{name!r} is a trained task of the model; give the adapted task another name")
-            if old is not None and old.same_as(new):
-                return old
-            self.index.upsert(name, new.routing_key)  # validates dims and values before anything changes
-            new = replace(new, version=self.version + 1, created=old.created if old is not None else new.created)
-            self._entries = {**self._entries, name: new}  # readers iterate a dict that is never mutated
-            self.version += 1
-        self._notify(old, new)
-        return new
+            changed: list[tuple[TaskEntry | None, TaskEntry]] = []
+            served = []
+            for new in entries:
+                old = self._entries.get(new.name)
+                if old is not None and old.source == "trained":
+                    raise ValueError(self.conflict(new.name, replace=True))
+                if old is not None and old.same_as(new) and _metadata(old) == _metadata(new):
+                    served.append(old)
+                    continue
+                if new.source != "adapted":
+                    raise ValueError(f"{new.name!r}: only adapted tasks are added at run time")
+                # Not yet published, so set in place (a copy per task costs a replica catching up seconds).
+                object.__setattr__(new, "version", self.version + 1 + len(changed))
+                if old is not None:
+                    object.__setattr__(new, "created", old.created)
+                changed.append((old, new))
+                served.append(new)
+            self.index.upsert_many((new.name, new.routing_key, new.template) for _, new in changed)  # checks first
+            for old, new in changed:
+                self._entries[new.name] = new
+                if old is not None:
+                    self._count(old.template, -1)
+                self._count(new.template, +1)
+            self.version += len(changed)
+        for old, new in changed:
+            self._notify(old, new)
+        return served
 
     def remove(self, name: str) -> TaskEntry | None:
         """Remove an adapted task; returns it, or None when there was none. Trained tasks cannot be removed."""
@@ -229,9 +273,10 @@ class TaskCatalog:
             if old is None:
                 return None
             if old.source == "trained":
-                raise ValueError(f"{name!r} is a trained task of the model and cannot be removed")
+                raise ValueError(self.conflict(name, replace=True))
             self.index.remove(name)
-            self._entries = {k: v for k, v in self._entries.items() if k != name}
+            del self._entries[name]
+            self._count(old.template, -1)
             self.version += 1
         self._notify(old, None)
         return old
@@ -239,3 +284,7 @@ class TaskCatalog:
     def _notify(self, old: TaskEntry | None, new: TaskEntry | None) -> None:
         for listener in self._listeners:
             listener(old, new)
+
+
+def _metadata(entry: TaskEntry) -> tuple:
+    return entry.template, entry.labels, entry.spread, entry.examples

@@ -21,8 +21,10 @@ from typing import Any
 
 import redis
 
+from .redis_names import JOB_KEY
+from .schemas import AdaptRequest
+
 log = logging.getLogger("pha.jobs")
-JOB_KEY = "pha:job:{}"
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as enqueue() makes them
 TERMINAL = ("succeeded", "failed")
 
@@ -31,7 +33,7 @@ TERMINAL = ("succeeded", "failed")
 class Delivery:
     entry_id: str
     job_id: str
-    payload: dict[str, Any]
+    job: AdaptRequest  # the request as the API accepted it, validated again on this end
     attempts: int
 
 
@@ -58,22 +60,22 @@ class JobQueue:
                 raise
 
     # ----------------------------------------------------------------------------------------- API side
-    def enqueue(self, payload: dict[str, Any]) -> str:
+    def enqueue(self, job: AdaptRequest) -> str:
         job_id = uuid.uuid4().hex
         now = time.time()
         record = {
             "state": "queued",
-            "task": payload["task"],
+            "task": job.task,
             "created": now,
             "attempts": 0,
             "progress": 0.0,
-            "steps": payload["steps"],
-            "mode": payload["mode"],
-            "k": len(payload["examples"]),
+            "steps": job.steps,
+            "mode": job.mode,
+            "k": len(job.examples),
         }
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(JOB_KEY.format(job_id), mapping={k: json.dumps(v) for k, v in record.items()})
-        pipe.xadd(self.stream, {"job_id": job_id, "payload": json.dumps(payload)})
+        pipe.xadd(self.stream, {"job_id": job_id, "payload": job.model_dump_json()})
         pipe.execute()
         return job_id
 
@@ -110,16 +112,16 @@ class JobQueue:
             if not fields:  # the entry was trimmed away: nothing to run
                 self.r.xack(self.stream, self.group, entry_id)
                 continue
-            try:  # JSON only: nothing read from Redis is unpickled or evaluated
+            try:  # JSON only, into the typed job: nothing read from Redis is unpickled or evaluated
                 job_id = fields[b"job_id"].decode()
-                payload = json.loads(fields[b"payload"])
-                if not JOB_ID.fullmatch(job_id) or not isinstance(payload, dict):
-                    raise ValueError("not a job written by the API")
+                if not JOB_ID.fullmatch(job_id):
+                    raise ValueError("not a job id the API makes")
+                job = AdaptRequest.model_validate_json(fields[b"payload"])
             except (KeyError, ValueError) as exc:  # a poison entry would otherwise end every worker that takes it
                 self._discard(entry_id, fields, exc)
                 continue
             attempts = self.r.hincrby(JOB_KEY.format(job_id), "attempts", 1)
-            return Delivery(entry_id.decode(), job_id, payload, attempts)
+            return Delivery(entry_id.decode(), job_id, job, attempts)
         return None
 
     def _discard(self, entry_id: bytes, fields: dict, exc: Exception) -> None:

@@ -27,7 +27,7 @@ from .cache import AdapterCache
 from .catalog import TaskCatalog, TaskEntry
 from .errors import ServiceError
 from .metrics import Metrics
-from .routing import PrototypeIndex, Route
+from .routing import Group, PrototypeIndex, Route
 
 T = TypeVar("T")
 
@@ -122,25 +122,20 @@ class Pipeline:
             fields = decisions[i][1]
             items[i].future.set_result(ItemResult(output=answer.output, probabilities=answer.probabilities, **fields))
 
-    async def route(self, vectors: np.ndarray, among: list[tuple[str, ...] | None] | None = None) -> list[Route]:
-        """Nearest prototypes of `vectors` [B, dim] (row i only among `among[i]` when given), on the routing
-        thread."""
+    async def route(self, vectors: np.ndarray, among: list[tuple[Group, ...] | None] | None = None) -> list[Route]:
+        """Nearest prototypes of `vectors` [B, dim] (row i only among the task groups `among[i]` when given), on
+        the routing thread."""
         loop = asyncio.get_running_loop()
         if among is None or all(a is None for a in among):
             return await loop.run_in_executor(self.router, self.index.search, vectors)
         return await loop.run_in_executor(self.router, self._search_groups, vectors, among)
 
-    def _search_groups(self, vectors: np.ndarray, among: list[tuple[str, ...] | None]) -> list[Route]:
+    def _search_groups(self, vectors: np.ndarray, among: list[tuple[Group, ...] | None]) -> list[Route]:
         """One search per distinct candidate set, results put back in row order."""
         routes: list[Route | None] = [None] * len(among)
         for candidates in dict.fromkeys(among):
             rows = [i for i, a in enumerate(among) if a == candidates]
-            found = (
-                self.index.search(vectors[rows])
-                if candidates is None
-                else self.index.search_among(vectors[rows], candidates)
-            )
-            for i, route in zip(rows, found, strict=True):
+            for i, route in zip(rows, self.index.search(vectors[rows], candidates), strict=True):
                 routes[i] = route
         return routes  # type: ignore[return-value]
 
@@ -182,7 +177,7 @@ class Pipeline:
             item.future.set_exception(_low_score_error(route, policy.min_score))
         elif item.live and not fits and policy.no_fit_action == "refuse":
             item.future.set_exception(_no_fit_error(entry.name, typicality, policy.min_typicality))
-        candidates = len(self.catalog) if item.among is None else len(item.among)
+        candidates = self.index.size(item.among)
         return {
             "task": entry.name,
             "routed": True,

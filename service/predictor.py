@@ -18,6 +18,7 @@ from .limits import RequestLimits
 from .logging import annotate
 from .metrics import Metrics
 from .pipeline import RoutePolicy
+from .routing import Group
 from .schemas import Prediction, PredictRequest, PredictResponse, RouteInfo, Truncation
 
 
@@ -66,8 +67,8 @@ class Predictor:
 
     def _formatted(
         self, inputs: list[str | dict[str, str]], task: str | None
-    ) -> tuple[list[str], list[tuple[str, ...] | None]]:
-        """Texts to encode, and for each the tasks it may be routed among (None: every task).
+    ) -> tuple[list[str], list[tuple[Group, ...] | None]]:
+        """Texts to encode, and for each the task groups it may be routed among (None: every task).
 
         A structured input is written with the template of the tasks that take exactly its fields; pinned to a
         task, its fields must be that task's.
@@ -83,8 +84,8 @@ class Predictor:
             among.append(None if task is not None else names)
         return texts, among
 
-    def _candidates(self, i: int, text: str) -> tuple[str, ...] | None:
-        """The tasks a plain text may be routed among: those whose templates it is written with. None: all of
+    def _candidates(self, i: int, text: str) -> tuple[Group, ...] | None:
+        """The task groups a plain text may be routed among: the templates it is written with. None: all of
         them; () when none (answered "no task fits", refused, or routed among all, as PHA_NO_FIT_ACTION says)."""
         among = self.catalog.tasks_fitting(text)
         if among == () and self.no_fit_action == "refuse":
@@ -97,7 +98,7 @@ class Predictor:
             )
         return None if among == () and self.no_fit_action == "flag" else among
 
-    def _template_for(self, i: int, item: dict[str, str], task: str | None) -> tuple[str, tuple[str, ...]]:
+    def _template_for(self, i: int, item: dict[str, str], task: str | None) -> tuple[str, tuple[Group, ...]]:
         given = sorted(item)
         if task is not None:
             entry = self.catalog.get(task)
@@ -112,7 +113,7 @@ class Predictor:
                     f"inputs[{i}] has fields {given}; task {task!r} takes {list(template_fields(template))}",
                     reason="invalid",
                 )
-            return template, (task,)
+            return template, (template,)
         templates = self.catalog.templates_taking(given)
         if not templates:
             raise ServiceError(
@@ -123,8 +124,7 @@ class Predictor:
             )
         # Tasks sharing fields nearly always share the template (rte, mrpc, stsb); else the first one's is used
         # and routing stays among the tasks written that way.
-        template, names = next(iter(templates.items()))
-        return template, names
+        return templates[0], (templates[0],)
 
     def _check_task(self, task: str | None) -> None:
         if task is None:
@@ -132,20 +132,20 @@ class Predictor:
                 raise ServiceError(
                     422,
                     f"this model (variant {self.engine.config.variant!r}) cannot pick a task from the input: "
-                    f'a task is required; give "task", one of {sorted(self.catalog.names())}',
+                    f'a task is required; give "task", one of {self.catalog.some_names()}',
                     reason="task",
                 )
             return
         if self.catalog.get(task) is None:
             raise ServiceError(
                 422,
-                f"unknown task {task!r}; known tasks: {', '.join(sorted(self.catalog.names()))} "
+                f"unknown task {task!r}; known tasks: {self.catalog.some_names()} "
                 '(or leave "task" out to let the server route)',
                 reason="task",
             )
 
     async def _run(
-        self, texts: list[str], among: list[tuple[str, ...] | None], task: str | None, max_new: int, plain: bool
+        self, texts: list[str], among: list[tuple[Group, ...] | None], task: str | None, max_new: int, plain: bool
     ) -> list[ItemResult]:
         loop = asyncio.get_running_loop()
         items = [

@@ -1,22 +1,33 @@
-"""Nearest-prototype routing (paper Eq. 10) over a FAISS index.
+"""Nearest-prototype routing (paper Eq. 10) over FAISS indexes, one per template.
 
-Cosine similarity is the inner product of L2-normalised float32 vectors (IndexFlatIP), and IndexIDMap2 gives
-every task a stable int64 id that survives other tasks coming and going.
+Cosine similarity is the inner product of L2-normalised float32 vectors. Tasks are grouped by the template their
+inputs are written with (None: tasks without one), because an input is only ever routed among the tasks whose
+template it fits (catalog.py): a query searches the groups it may go to and the best two are merged, so it
+never pays for tasks it cannot reach.
 
-FAISS CPU indexes are safe for concurrent searches but not for a search concurrent with a change, so an index is
-never changed once published: an update builds a new index from the vectors and swaps one reference. A search
-reads that reference once and works on a consistent snapshot; updates are serialised by a lock.
+A group of up to `flat_max` tasks is an exact IndexFlatIP; above, an IndexIVFFlat (inverted lists over k-means
+cells, `nprobe` cells read per query): approximate, with recall@1 measured by bench/scale.py. Both keep their own
+int64 ids and are patched in place (an IVF's hashtable direct map makes a removal O(1)), so one change costs
+the same at 10 tasks or a million. FAISS CPU indexes are not safe for a search concurrent with a change: one
+lock covers both (searches run on one routing thread; a change holds the lock for well under a millisecond).
 """
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
+
+Group = str | None  # a template, or None for the tasks without one
+FLAT_MAX = 20_000  # exact search up to here: ~2.6 MFLOP a query, about 1 ms on one core of this VM
+NPROBE = 64  # IVF cells read per query: recall@1 0.99 at 1M tasks on bench/scale.py's geometry (24: 0.69)
+TRAIN_POINTS_PER_CELL = 40  # k-means sample per cell: enough for stable cells, and training stays in seconds
+REGROW = 4  # an IVF is re-trained when its group has grown this many times past the size it was trained at
 
 
 @dataclass(frozen=True)
@@ -26,12 +37,6 @@ class Route:
     task: str
     score: float
     margin: float | None
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    index: faiss.IndexIDMap2
-    names: Mapping[int, str]  # faiss id -> task name
 
 
 def search_thread(threads: int) -> ThreadPoolExecutor:
@@ -56,101 +61,206 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(v / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-class PrototypeIndex:
-    """Task prototypes searchable by cosine; thread-safe searches, copy-on-write updates."""
+def cells_for(n: int) -> int:
+    """IVF cells for n vectors: about sqrt(n) (so a cell holds about as many vectors as there are cells)."""
+    return max(64, min(4096, int(math.sqrt(n))))
 
-    def __init__(self, dim: int) -> None:
-        self.dim = dim
-        self._lock = threading.Lock()
-        self._vectors: dict[str, np.ndarray] = {}  # task -> unit vector; the source the index is built from
-        self._ids: dict[str, int] = {}  # task -> stable faiss id (never reused)
-        self._next_id = 0
-        self._snapshot = self._build()
+
+class _GroupIndex:
+    """One group's vectors: exact (flat) while small, IVF once large."""
+
+    def __init__(self, dim: int, flat_max: int, nprobe: int, threads: int) -> None:
+        self.dim, self.flat_max, self.nprobe, self.threads = dim, flat_max, nprobe, threads
+        self.index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.trained_at = 0  # vectors the IVF was trained on; 0: flat
 
     def __len__(self) -> int:
-        return self._snapshot.index.ntotal
+        return self.index.ntotal
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        n = self.index.ntotal + len(ids)
+        if (self.trained_at == 0 and n > self.flat_max) or (self.trained_at and n > REGROW * self.trained_at):
+            old_vectors, old_ids = self._vectors()  # re-cut the cells for all of them, the new ones included
+            self._rebuild(np.concatenate([old_vectors, vectors]), np.concatenate([old_ids, ids]))
+        else:
+            self.index.add_with_ids(vectors, ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self.index.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids)))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.trained_at or self.threads == 1:
+            return self.index.search(queries, min(k, self.index.ntotal))
+        # An IVF search of a batch splits its queries over `threads` OpenMP threads; the calling thread's own
+        # setting (one, for the small exact groups) is put back after.
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(self.threads)
+        try:
+            return self.index.search(queries, min(k, self.index.ntotal))
+        finally:
+            faiss.omp_set_num_threads(before)
+
+    def reconstruct(self, i: int) -> np.ndarray:
+        return self.index.reconstruct(i)
+
+    def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.trained_at == 0:
+            ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+            return self.index.index.reconstruct_n(0, len(ids)), ids
+        invlists = self.index.invlists
+        parts, id_parts = [], []
+        for cell in range(self.index.nlist):
+            size = invlists.list_size(cell)
+            if size:
+                id_parts.append(faiss.rev_swig_ptr(invlists.get_ids(cell), size).copy())
+                codes = faiss.rev_swig_ptr(invlists.get_codes(cell), size * self.dim * 2).copy()
+                parts.append(codes.view(np.float16).reshape(size, self.dim).astype(np.float32))
+        if not parts:
+            return np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
+        return np.concatenate(parts), np.concatenate(id_parts)
+
+    def _rebuild(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """An IVF for `vectors`: k-means cells on a sample, then every vector in its cell, stored in float16
+        (2 bytes a number: the registry's own precision, so no key loses anything)."""
+        nlist = cells_for(len(ids))
+        ivf = faiss.IndexIVFScalarQuantizer(
+            faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+        )
+        ivf.cp.max_points_per_centroid = TRAIN_POINTS_PER_CELL
+        sample = np.random.default_rng(0).permutation(len(ids))[: nlist * TRAIN_POINTS_PER_CELL]
+        ivf.train(vectors[np.sort(sample)])
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        ivf.add_with_ids(vectors, ids)
+        ivf.nprobe = self.nprobe
+        self.index, self.trained_at = ivf, len(ids)
+
+
+class PrototypeIndex:
+    """Task routing keys searchable by cosine, grouped by template; thread-safe, patched in place."""
+
+    def __init__(self, dim: int, *, flat_max: int = FLAT_MAX, nprobe: int = NPROBE, ivf_threads: int = 1) -> None:
+        self.dim, self.flat_max, self.nprobe, self.ivf_threads = dim, flat_max, nprobe, ivf_threads
+        self._lock = threading.Lock()
+        self._groups: dict[Group, _GroupIndex] = {}
+        self._ids: dict[str, int] = {}  # task -> its faiss id
+        self._names: list[str | None] = []  # faiss id -> task (None: removed); ids are never reused, so a stale
+        self._group_of: list[Group] = []  # id can never name another task. faiss id -> its group
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
     def __contains__(self, task: str) -> bool:
-        return task in self._vectors
+        return task in self._ids
 
     def id_of(self, task: str) -> int:
         return self._ids[task]
 
-    def replace_all(self, prototypes: Mapping[str, np.ndarray]) -> None:
-        """Set the whole table at once (start-up, or a registry reload); ids of kept tasks are kept."""
-        with self._lock:
-            self._vectors = {name: self._checked(name, v) for name, v in prototypes.items()}
-            self._publish()
+    def size(self, groups: Iterable[Group] | None = None) -> int:
+        """Tasks in `groups` (all when None): how many candidates a query among them has."""
+        if groups is None:
+            return len(self._ids)
+        return sum(len(self._groups[g]) for g in groups if g in self._groups)
 
-    def upsert(self, task: str, vector: np.ndarray) -> None:
+    def replace_all(self, keys: Iterable[tuple[str, np.ndarray, Group]]) -> None:
+        """Set the whole table at once (start-up)."""
         with self._lock:
-            self._vectors = {**self._vectors, task: self._checked(task, vector)}  # copy-on-write: see search_among
-            self._publish()
+            self._groups, self._ids, self._names, self._group_of = {}, {}, [], []
+        self.upsert_many(keys)
+
+    def upsert(self, task: str, vector: np.ndarray, group: Group = None) -> None:
+        self.upsert_many([(task, vector, group)])
+
+    def upsert_many(self, keys: Iterable[tuple[str, np.ndarray, Group]]) -> None:
+        """Add or move tasks; every vector is checked before anything changes (ValueError names the task)."""
+        keys = list({task: (task, vector, group) for task, vector, group in keys}.values())  # a name twice: last
+        if not keys:
+            return
+        for task, vector, _ in keys:
+            if np.size(vector) != self.dim:
+                raise ValueError(f"prototype of {task!r} has {np.size(vector)} dims; the index holds {self.dim}-dim")
+        vectors = self._checked([t for t, _, _ in keys], np.stack([np.asarray(v).reshape(-1) for _, v, _ in keys]))
+        with self._lock:
+            self._remove_locked([task for task, _, _ in keys if task in self._ids])
+            rows: dict[Group, list[int]] = {}
+            for row, (task, _, group) in enumerate(keys):
+                rows.setdefault(group, []).append(row)
+                self._ids[task] = len(self._names)
+                self._names.append(task)
+                self._group_of.append(group)
+            for group, where in rows.items():
+                ids = np.fromiter((self._ids[keys[r][0]] for r in where), dtype=np.int64, count=len(where))
+                target = self._groups.get(group)
+                if target is None:
+                    target = self._groups[group] = _GroupIndex(self.dim, self.flat_max, self.nprobe, self.ivf_threads)
+                target.add(vectors[where], ids)
 
     def remove(self, task: str) -> bool:
         with self._lock:
-            if task not in self._vectors:
+            if task not in self._ids:
                 return False
-            self._vectors = {name: v for name, v in self._vectors.items() if name != task}
-            self._publish()
+            self._remove_locked([task])
             return True
 
-    def search(self, queries: np.ndarray) -> list[Route]:
-        """The best task for each row of `queries` [B, dim]; raises LookupError when the index is empty."""
-        snap = self._snapshot  # one read: the whole search sees one consistent index
-        if snap.index.ntotal == 0:
-            raise LookupError("the prototype index is empty: no task to route to")
+    def _remove_locked(self, tasks: list[str]) -> None:
+        by_group: dict[Group, list[int]] = {}
+        for task in tasks:
+            i = self._ids.pop(task)
+            self._names[i] = None
+            by_group.setdefault(self._group_of[i], []).append(i)
+        for group, ids in by_group.items():
+            self._groups[group].remove(np.asarray(ids, dtype=np.int64))
+            if not len(self._groups[group]):
+                del self._groups[group]
+
+    def search(self, queries: np.ndarray, groups: Iterable[Group] | None = None) -> list[Route]:
+        """The best task for each row of `queries` [B, dim], among the tasks of `groups` (every task when None);
+        LookupError when there is none."""
         q = normalise(queries)
         if q.shape[1] != self.dim:
             raise ValueError(f"query vectors have {q.shape[1]} dims, the index {self.dim}")
-        k = min(2, snap.index.ntotal)
-        scores, ids = snap.index.search(q, k)
-        return [self._route(snap, s, i) for s, i in zip(scores, ids, strict=True)]
+        with self._lock:
+            wanted = list(self._groups) if groups is None else [g for g in dict.fromkeys(groups) if g in self._groups]
+            if not wanted:
+                raise LookupError("no task to route to: the index holds none of the candidate tasks")
+            found = [self._groups[g].search(q, 2) for g in wanted]
+            scores = np.concatenate([s for s, _ in found], axis=1)
+            ids = np.concatenate([i for _, i in found], axis=1)
+            names = self._names
+            order = np.argsort(-scores, axis=1, kind="stable")
+            return [self._route(s[o], i[o], names) for s, i, o in zip(scores, ids, order, strict=True)]
 
-    def search_among(self, queries: np.ndarray, tasks: tuple[str, ...]) -> list[Route]:
-        """The best of `tasks` for each row of `queries` (exact cosine over those tasks' keys; structured inputs
-        narrow routing to the tasks whose templates take their fields). Unknown names are skipped."""
-        vectors = self._vectors  # replaced whole on every change, never mutated: one consistent read
-        names = [t for t in tasks if t in vectors]
-        if not names:
-            raise LookupError(f"none of the tasks {list(tasks)[:5]} is in the index")
-        keys = np.stack([vectors[t] for t in names])
-        scores = normalise(queries) @ keys.T
-        order = np.argsort(-scores, axis=1)[:, :2]
-        return [
-            Route(
-                task=names[row[0]],
-                score=float(s[row[0]]),
-                margin=float(s[row[0]] - s[row[1]]) if len(row) > 1 else None,
-            )
-            for s, row in zip(scores, order, strict=True)
-        ]
+    def nearest_keys(self, query: np.ndarray, k: int, exclude: str | None = None) -> np.ndarray:
+        """The (unit) keys of the up to `k` tasks nearest `query` [dim], across groups, `exclude` left out."""
+        q = normalise(query)
+        with self._lock:
+            found = []
+            for group in self._groups.values():
+                scores, ids = group.search(q, k + 1)
+                found += [(float(s), group, int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+            found.sort(key=lambda hit: -hit[0])
+            keep = [(g, i) for _, g, i in found if self._names[i] != exclude][:k]
+            keys = [g.reconstruct(i) for g, i in keep]
+        return np.stack(keys) if keys else np.zeros((0, self.dim), np.float32)
 
     @staticmethod
-    def _route(snap: _Snapshot, scores: np.ndarray, ids: np.ndarray) -> Route:
-        margin = float(scores[0] - scores[1]) if len(ids) > 1 and ids[1] >= 0 else None
-        return Route(task=snap.names[int(ids[0])], score=float(scores[0]), margin=margin)
+    def _route(scores: np.ndarray, ids: np.ndarray, names: list[str | None]) -> Route:
+        valid = ids >= 0  # an IVF can return fewer than k hits (-1 ids) when its probed cells hold fewer
+        scores, ids = scores[valid], ids[valid]
+        if not len(ids):
+            raise LookupError("no task to route to: the probed cells were empty")
+        margin = float(scores[0] - scores[1]) if len(ids) > 1 else None
+        return Route(task=names[int(ids[0])], score=float(scores[0]), margin=margin)
 
-    def _checked(self, task: str, vector: np.ndarray) -> np.ndarray:
-        v = np.asarray(vector, dtype=np.float32).reshape(-1)
-        if v.shape[0] != self.dim:
-            raise ValueError(f"prototype of {task!r} has {v.shape[0]} dims; the index holds {self.dim}-dim vectors")
-        if not np.all(np.isfinite(v)) or not np.any(v):
-            raise ValueError(f"prototype of {task!r} must be finite and non-zero")
-        return normalise(v)[0]
+    def valid(self, vectors: np.ndarray) -> np.ndarray:
+        """Which rows of `vectors` [N, dim] can be routing keys: finite and not all zero."""
+        v = np.asarray(vectors, dtype=np.float32)
+        return np.all(np.isfinite(v), axis=1) & np.any(v != 0, axis=1)
 
-    def _publish(self) -> None:
-        """Build a new index from `_vectors` and swap it in (caller holds the lock)."""
-        for name in self._vectors:
-            if name not in self._ids:
-                self._ids[name] = self._next_id
-                self._next_id += 1
-        self._snapshot = self._build()
-
-    def _build(self) -> _Snapshot:
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        names = {self._ids[name]: name for name in self._vectors}
-        if names:
-            ids = np.fromiter(names, dtype=np.int64, count=len(names))
-            index.add_with_ids(np.stack([self._vectors[names[i]] for i in ids]), ids)
-        return _Snapshot(index=index, names=names)
+    def _checked(self, tasks: list[str], vectors: np.ndarray) -> np.ndarray:
+        """Unit float32 rows, or ValueError naming the first task whose vector cannot be a key."""
+        v = np.asarray(vectors, dtype=np.float32)
+        bad = np.flatnonzero(~self.valid(v))
+        if len(bad):
+            raise ValueError(f"prototype of {tasks[bad[0]]!r} must be finite and non-zero")
+        return normalise(v)

@@ -29,7 +29,14 @@ class Settings(BaseSettings):
         description="Redis for the adapter cache, job stream and registry notices; "
         "empty = in-process cache only, no /adapt",
     )
-    registry_dir: Path = Field(Path("pha-registry"), description="durable registry of adapted tasks (a volume)")
+    registry_dir: Path = Field(
+        Path("pha-registry"), description="folder of the sqlite registry store (registry.sqlite3; a volume)"
+    )
+    registry_store: Literal["sqlite", "redis"] = Field(
+        "sqlite",
+        description="where adapted tasks are kept: sqlite (a file in registry_dir, one machine) or redis (the "
+        "Redis of redis_url, with AOF persistence: many replicas on many machines)",
+    )
 
     # --- security
     api_key: SecretStr = Field(SecretStr(""), description="Bearer key for /adapt and DELETE; empty = refused")
@@ -64,7 +71,18 @@ class Settings(BaseSettings):
 
     # --- routing
     faiss_threads: int = Field(
-        1, ge=1, description="FAISS OpenMP threads for routing searches (1 was fastest up to 100k prototypes here)"
+        1,
+        ge=1,
+        description="FAISS OpenMP threads for exact routing searches (1 was fastest up to 100k prototypes here)",
+    )
+    faiss_ivf_threads: int = Field(
+        2,
+        ge=1,
+        description="OpenMP threads for searches of template groups over 20,000 tasks (approximate IVF indexes): "
+        "a batch's queries are split over them (the model thread waits for routing meanwhile)",
+    )
+    faiss_nprobe: int = Field(
+        64, ge=1, description="IVF cells read per query in large groups: recall against speed (docs/serving.md)"
     )
     min_route_score: float = Field(-1.0, ge=-1.0, le=1.0, description="cosine below which a route is low")
     low_score_action: Literal["flag", "refuse"] = Field(
@@ -87,6 +105,12 @@ class Settings(BaseSettings):
 
     # --- adapter cache
     l1_cache_size: int = Field(256, ge=1, description="adapter sets kept in process memory (LRU)")
+    l1_cache_bytes: int = Field(
+        256 * 2**20,
+        ge=2**20,
+        description="bytes of adapter sets kept in process memory (LRU; whichever of this and l1_cache_size is "
+        "reached first); 256 MiB holds ~650 sets of the demo (2 decoder layers, 0.39 MB a set)",
+    )
     redis_ttl_seconds: int = Field(7 * 24 * 3600, ge=1, description="expiry of cached adapters in Redis")
     redis_timeout_seconds: float = Field(0.25, gt=0, description="socket timeout of cache calls")
     redis_backoff_seconds: float = Field(

@@ -16,7 +16,7 @@ import redis
 from pha_core import runtime
 from pha_core.inference import Engine
 
-from .adaptation import REGISTRY_CHANNEL, RegistrySync, follow_registry
+from .adaptation import RegistrySync, follow_registry
 from .batcher import MicroBatcher, ModelRunner
 from .cache import AdapterCache, RedisTier
 from .catalog import TaskCatalog, trained_entries
@@ -26,7 +26,9 @@ from .loader import LoadedModel
 from .metrics import Metrics
 from .pipeline import Pipeline, RoutePolicy
 from .predictor import Predictor
-from .registry import Registry
+from .redis_client import connect
+from .redis_names import REGISTRY_CHANNEL
+from .registry import RegistryStore, open_registry
 from .routing import PrototypeIndex, search_thread
 from .schemas import PredictRequest
 from .settings import Settings
@@ -48,7 +50,7 @@ class AppState:
     pipeline: Pipeline
     predictor: Predictor
     limiter: ConcurrencyLimiter
-    registry: Registry
+    registry: RegistryStore
     sync: RegistrySync
     jobs: JobQueue | None
     warmup_seconds: float | None = None
@@ -80,7 +82,9 @@ class AppState:
 def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> AppState:
     """Wire the parts (must run inside the event loop: the batcher and cache bind to it)."""
     engine = loaded.engine
-    index = PrototypeIndex(engine.config.proto_dim)
+    index = PrototypeIndex(
+        engine.config.proto_dim, nprobe=settings.faiss_nprobe, ivf_threads=settings.faiss_ivf_threads
+    )
     spreads = loaded.calibration.spreads if loaded.calibration is not None else None
     entries = trained_entries(engine.tasks, engine.trained_prototypes(), loaded.created, loaded.examples, spreads)
     catalog = TaskCatalog(index, entries)
@@ -97,12 +101,14 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
         model_version=engine.model_version,
         n_layers=engine.model.n_decoder_layers,
         l1_size=settings.l1_cache_size,
+        l1_bytes=settings.l1_cache_bytes,
         redis=redis_tier,
         metrics=metrics,
     )
     catalog.subscribe(cache.on_catalog_change)
-    catalog.subscribe(lambda old, new: _catalog_gauges(metrics, catalog))
-    _catalog_gauges(metrics, catalog)
+    # Read when scraped, not set on every change: a replica catching up applies a million changes.
+    metrics.tasks.set_function(lambda: len(catalog))
+    metrics.catalog_version.set_function(lambda: catalog.version)
     runner = ModelRunner()
     policy = RoutePolicy(
         settings.min_route_score,
@@ -132,11 +138,11 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
         metrics=metrics,
     )
     limiter = ConcurrencyLimiter(settings.max_concurrent_requests, settings.retry_after_seconds, metrics)
-    registry = Registry(settings.registry_dir)
+    client = connect(settings.redis_url, timeout=2.0) if settings.redis_url else None
+    registry = open_registry(settings, client)
     sync = RegistrySync(registry, catalog, engine.model_version, engine.model.n_decoder_layers, metrics)
     jobs = None
-    if settings.redis_url:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
+    if client is not None:
         jobs = JobQueue(
             client,
             settings.job_stream,
@@ -161,11 +167,6 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
         predictor=predictor,
         limiter=limiter,
     )
-
-
-def _catalog_gauges(metrics: Metrics, catalog: TaskCatalog) -> None:
-    metrics.tasks.set(len(catalog))
-    metrics.catalog_version.set(catalog.version)
 
 
 async def warm_up(state: AppState) -> None:
@@ -206,6 +207,7 @@ async def close_state(state: AppState) -> None:
     if state.jobs is not None:
         state.jobs.r.close()
     await state.batcher.stop()
+    state.registry.close()
     state.runner.shutdown()
     state.pipeline.router.shutdown(wait=True)
     await state.cache.close()

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import redis
 
 from pha_core.adapt import AdaptedTensors, adapt_task, score_adapted
@@ -24,11 +25,13 @@ from pha_core.tasks import Example
 from .jobs import Delivery, JobQueue
 from .loader import LoadedModel, load_model
 from .logging import configure_logging
-from .registry import RegisteredTask, Registry, RegistryError
+from .redis_client import connect
+from .redis_names import REGISTRY_CHANNEL
+from .registry import RegisteredTask, RegistryError, RegistryStore, all_changes, name_taken, open_registry
+from .routing import PrototypeIndex
 from .settings import Settings
 
 log = logging.getLogger("pha.worker")
-REGISTRY_CHANNEL = "pha:registry"
 PROGRESS_EVERY_S = 1.0  # how often a running job writes its progress and re-claims its stream entry
 REDIS_RETRY_S = 1.0  # while Redis is unreachable, how often the worker tries again
 
@@ -42,9 +45,10 @@ class Worker:
     settings: Settings
     loaded: LoadedModel
     queue: JobQueue
-    registry: Registry
+    registry: RegistryStore
     client: redis.Redis
     name: str
+    rivals: Rivals
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self, once: bool = False) -> None:
@@ -71,7 +75,7 @@ class Worker:
                 return
 
     def handle(self, d: Delivery) -> None:
-        extra = {"job_id": d.job_id, "task": d.payload.get("task"), "attempt": d.attempts}
+        extra = {"job_id": d.job_id, "task": d.job.task, "attempt": d.attempts}
         if d.attempts > self.queue.max_attempts:
             previous = (self.queue.get(d.job_id) or {}).get("error", "the worker died or timed out")
             self._fail(d, f"gave up after {self.queue.max_attempts} attempts; last error: {previous}")
@@ -99,25 +103,25 @@ class Worker:
         log.warning("job failed", extra={"job_id": d.job_id, "error": error})
 
     def execute(self, d: Delivery) -> dict:
-        p = d.payload
+        p = d.job
         engine = self.loaded.engine
-        examples = [Example(e["input"], e["target"], p["task"]) for e in p["examples"]]
+        examples = [Example(e.input, e.target, p.task) for e in p.examples]
         try:
-            snapshot = self.registry.snapshot()
+            existing = self.registry.get(p.task)
+            self.rivals.refresh()
         except RegistryError as exc:
             raise RuntimeError(str(exc)) from exc
-        if p["task"] in snapshot.tasks and not p.get("replace"):
-            existing = snapshot.tasks[p["task"]]
-            if existing.job_id != d.job_id:
-                raise PermanentJobError(f"task {p['task']!r} already exists; send replace=true to overwrite it")
-        other_keys = self._other_keys(snapshot, exclude=p["task"])
+        taken = existing is not None and existing.task is not None and existing.task.job_id != d.job_id
+        if taken and not p.replace:
+            raise PermanentJobError(str(name_taken(p.task)))
+        other_keys = self.rivals.near(engine, examples, exclude=p.task)
         last = [0.0]
 
         def progress(step: int, loss: float) -> None:
             now = time.monotonic()
-            if now - last[0] >= PROGRESS_EVERY_S or step == p["steps"]:
+            if now - last[0] >= PROGRESS_EVERY_S or step == p.steps:
                 last[0] = now
-                self.queue.update(d.job_id, progress=step / p["steps"], loss=loss)
+                self.queue.update(d.job_id, progress=step / p.steps, loss=loss)
                 self.queue.touch(d)
 
         started = time.perf_counter()
@@ -126,18 +130,18 @@ class Worker:
             examples,
             engine.trained_prototypes(),
             engine.tasks,
-            mode=p["mode"],
-            steps=p["steps"],
-            seed=p["seed"],
+            mode=p.mode,
+            steps=p.steps,
+            seed=p.seed,
             progress=progress,
             other_keys=other_keys,
         )
         heldout = None
-        if p.get("heldout"):
-            held = [Example(e["input"], e["target"], p["task"]) for e in p["heldout"]]
+        if p.heldout:
+            held = [Example(e.input, e.target, p.task) for e in p.heldout]
             heldout = score_adapted(engine.model, result, held, engine.trained_prototypes())
         entry = RegisteredTask.adapted(
-            p["task"],
+            p.task,
             result,
             job_id=d.job_id,
             model_version=engine.model_version,
@@ -145,12 +149,10 @@ class Worker:
             heldout=heldout,
         )
         try:
-            registered, created = self.registry.register(
-                entry, AdaptedTensors.of(result).to_bytes(), replace=bool(p.get("replace"))
-            )
-        except ValueError as exc:
+            registered, created = self.registry.register(entry, AdaptedTensors.of(result).to_bytes(), replace=p.replace)
+        except ValueError as exc:  # NameTaken (another job won the name meanwhile), an invalid name
             raise PermanentJobError(str(exc)) from exc
-        version = self.registry.version()
+        version = registered.seq
         self.client.publish(REGISTRY_CHANNEL, str(version))
         return {
             "source_task": result.source_task,
@@ -167,22 +169,38 @@ class Worker:
             "created": registered.created,
         }
 
-    def _other_keys(self, snapshot, exclude: str):
-        import numpy as np
 
-        keys = []
-        for name, task in snapshot.tasks.items():
-            if name == exclude or task.model_version != self.loaded.engine.model_version:
+class Rivals:
+    """The routing keys of the adapted tasks, followed incrementally from the registry: the new task's key is
+    trained (L_Pro) to keep clear of the `MAX_RIVALS` nearest of them, not of every one (a million keys would
+    cost each training step more than the task itself)."""
+
+    MAX_RIVALS = 1024
+
+    def __init__(self, registry: RegistryStore, model_version: str, n_layers: int, dim: int) -> None:
+        self.registry, self.model_version, self.n_layers = registry, model_version, n_layers
+        self.keys = PrototypeIndex(dim)
+        self.cursor = 0
+
+    def refresh(self) -> None:
+        for change in all_changes(self.registry, self.cursor):
+            self.cursor = change.seq
+            self.keys.remove(change.name)
+            task = change.task
+            if task is None or task.model_version != self.model_version:
                 continue
             try:
-                keys.append(
-                    AdaptedTensors.from_bytes(
-                        self.registry.read_tensors(task), self.loaded.engine.model.n_decoder_layers
-                    ).key
-                )
-            except (RegistryError, ValueError) as exc:
-                log.warning("skipping unreadable registry entry", extra={"task": name, "error": str(exc)})
-        return np.stack(keys) if keys else None
+                self.keys.upsert(task.name, AdaptedTensors.from_bytes(change.tensors or b"", self.n_layers).key)
+            except ValueError as exc:
+                log.warning("skipping unreadable registry entry", extra={"task": task.name, "error": str(exc)})
+
+    def near(self, engine, examples: list[Example], exclude: str) -> np.ndarray | None:
+        if not len(self.keys):
+            return None
+        if len(self.keys) <= self.MAX_RIVALS:
+            return self.keys.nearest_keys(np.ones(self.keys.dim, np.float32), len(self.keys), exclude)
+        z = engine.encode([e.input for e in examples]).z
+        return self.keys.nearest_keys(np.asarray(z).mean(axis=0), self.MAX_RIVALS, exclude)
 
 
 def worker_name(settings: Settings) -> str:
@@ -192,7 +210,7 @@ def worker_name(settings: Settings) -> str:
 def build_worker(settings: Settings) -> Worker:
     if not settings.redis_url:
         raise SystemExit("pha worker: PHA_REDIS_URL is not set; the worker reads its jobs from a Redis stream")
-    client = redis.Redis.from_url(settings.redis_url)
+    client = connect(settings.redis_url)
     name = worker_name(settings)
     queue = JobQueue(
         client,
@@ -202,7 +220,11 @@ def build_worker(settings: Settings) -> Worker:
         idle_ms=settings.job_idle_ms,
         max_attempts=settings.job_max_attempts,
     )
-    return Worker(settings, load_model(settings), queue, Registry(settings.registry_dir), client, name)
+    loaded = load_model(settings)
+    registry = open_registry(settings, client)
+    engine = loaded.engine
+    rivals = Rivals(registry, engine.model_version, engine.model.n_decoder_layers, engine.config.proto_dim)
+    return Worker(settings, loaded, queue, registry, client, name, rivals)
 
 
 def run_worker(once: bool = False) -> int:

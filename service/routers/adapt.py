@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import re
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 
 from ..deps import ApiKey, StateDep
 from ..errors import ServiceError
-from ..registry import check_name
+from ..jobs import JOB_ID
+from ..registry import RegistryError, check_name
 from ..schemas import AdaptRequest, Deleted, JobAccepted, JobStatus
 from ..state import AppState
 
 router = APIRouter(tags=["adaptation"])
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @router.post(
@@ -23,15 +22,15 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
     response_model=JobAccepted,
     responses={401: {}, 403: {}, 409: {}, 503: {}},
 )
-async def adapt(body: AdaptRequest, state: StateDep, _: ApiKey) -> JobAccepted:
+async def adapt(body: AdaptRequest, state: StateDep, _: ApiKey, response: Response) -> JobAccepted:
     """Queue a few-shot adaptation job: k examples of a new task in, a new prototype registered by a worker."""
     if state.jobs is None:
         raise ServiceError(
             503, "adaptation needs a job queue: set PHA_REDIS_URL and run `pha worker`", reason="unavailable"
         )
     _validate(body, state)
-    payload = body.model_dump()
-    job_id = await asyncio.to_thread(_enqueue, state, payload)
+    job_id = await asyncio.to_thread(_enqueue, state, body)
+    response.headers["Location"] = f"/jobs/{job_id}"
     return JobAccepted(job_id=job_id, state="queued", task=body.task)
 
 
@@ -50,9 +49,9 @@ def _with_redis(what: str, call, *args):
         ) from exc
 
 
-def _enqueue(state: AppState, payload: dict) -> str:
+def _enqueue(state: AppState, job: AdaptRequest) -> str:
     _with_redis("the job queue", state.jobs.ensure_group)
-    return _with_redis("the job queue", state.jobs.enqueue, payload)
+    return _with_redis("the job queue", state.jobs.enqueue, job)
 
 
 def _job_record(state: AppState, job_id: str) -> dict | None:
@@ -101,20 +100,16 @@ def _validate(body: AdaptRequest, state: AppState) -> None:
                 "changed); use lower-case words without unusual characters",
                 reason="invalid",
             )
-    existing = state.catalog.get(body.task)
-    if existing is not None and existing.source == "trained":
-        raise ServiceError(409, f"{body.task!r} is a trained task of the model; choose another name", reason="conflict")
-    if existing is not None and not body.replace:
-        raise ServiceError(
-            409, f'task {body.task!r} already exists; send "replace": true to overwrite it', reason="conflict"
-        )
+    conflict = state.catalog.conflict(body.task, body.replace)
+    if conflict is not None:
+        raise ServiceError(409, conflict, reason="conflict")
 
 
 @router.get("/jobs/{job_id}", response_model=JobStatus, responses={404: {}, 503: {}})
 async def get_job(job_id: str, state: StateDep) -> JobStatus:
     """State, progress, source prototype and score, final loss, held-out metrics, timings or error of a job."""
     record = None
-    if state.jobs is not None and JOB_ID.match(job_id):
+    if state.jobs is not None and JOB_ID.fullmatch(job_id):
         record = await asyncio.to_thread(_job_record, state, job_id)
     if record is None:
         raise ServiceError(
@@ -132,7 +127,10 @@ async def delete_prototype(name: str, state: StateDep, _: ApiKey) -> Deleted:
     entry = state.catalog.get(name)
     if entry is not None and entry.source == "trained":
         raise ServiceError(409, f"{name!r} is a trained task of the model and cannot be deleted", reason="conflict")
-    removed = await asyncio.to_thread(state.registry.remove, name) if _valid(name) else None
+    try:
+        removed = await asyncio.to_thread(state.registry.remove, name) if _valid(name) else None
+    except RegistryError as exc:
+        raise ServiceError(503, f"{exc}; retry later", reason="unavailable", headers={"Retry-After": "5"}) from exc
     if removed is None:
         raise ServiceError(404, f"no adapted task {name[:64]!r}", reason="task")
     version = await asyncio.to_thread(state.sync.apply)

@@ -14,7 +14,7 @@ from pha_core.tasks import template_fields
 from ..catalog import TaskEntry
 from ..deps import ApiKey, StateDep
 from ..errors import ServiceError
-from ..registry import RegisteredTask, check_name
+from ..registry import NameTaken, RegisteredTask, RegistryError, check_name
 from ..schemas import FIELD_NAME, ImportRequest, PrototypeInfo, PrototypeList
 
 router = APIRouter(tags=["prototypes"])
@@ -48,8 +48,7 @@ async def get_prototype(name: str, state: StateDep, include_vector: bool = False
     """One task; `include_vector=true` adds its prototype (the raw vector the hypernetwork reads)."""
     entry = state.catalog.get(name)
     if entry is None:
-        known = ", ".join(sorted(state.catalog.names()))
-        raise ServiceError(404, f"no task {name!r}; known tasks: {known}", reason="task")
+        raise ServiceError(404, f"no task {name!r}; known tasks: {state.catalog.some_names()}", reason="task")
     return _info(entry, include_vector)
 
 
@@ -79,8 +78,10 @@ async def import_prototype(
     tensors = AdaptedTensors(vector, key, None).to_bytes()
     try:
         await asyncio.to_thread(state.registry.register, entry, tensors, body.replace)
-    except ValueError as exc:
+    except NameTaken as exc:  # another import or job won the name meanwhile
         raise ServiceError(409, str(exc), reason="conflict") from None
+    except RegistryError as exc:
+        raise ServiceError(503, f"{exc}; retry later", reason="unavailable", headers={"Retry-After": "5"}) from exc
     version = await asyncio.to_thread(state.sync.apply)
     await state.notify_registry(version)
     served = state.catalog.get(name)
@@ -97,13 +98,9 @@ def _checked_import(name: str, body: ImportRequest, state) -> tuple[np.ndarray, 
         check_name(name)
     except ValueError as exc:
         raise ServiceError(422, str(exc), reason="invalid") from None
-    existing = state.catalog.get(name)
-    if existing is not None and existing.source == "trained":
-        raise ServiceError(409, f"{name!r} is a trained task of the model; choose another name", reason="conflict")
-    if existing is not None and not body.replace:
-        raise ServiceError(
-            409, f'task {name!r} already exists; send "replace": true to overwrite it', reason="conflict"
-        )
+    conflict = state.catalog.conflict(name, body.replace)
+    if conflict is not None:
+        raise ServiceError(409, conflict, reason="conflict")
     if body.model is not None and body.model != state.engine.model_version:
         raise ServiceError(
             409,

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,13 +14,14 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from pha_core.data import load_splits, low_data
 from service.main import create_app
+from service.registry import all_changes, open_registry
 from service.settings import Settings
 
 pytestmark = [pytest.mark.redis]
@@ -30,11 +30,16 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 CB_LABELS = {"entailment", "contradiction", "neutral"}
 
 
-@pytest.fixture
-def env(tmp_path, redis_url):
-    """Settings shared by API and workers: a private stream, group and registry per test."""
+@pytest.fixture(params=["sqlite"])
+def env(request, tmp_path, redis_url):
+    """Settings shared by API and workers: a private stream, group and registry per test; the registry store
+    is sqlite unless a test asks for both (`@both_stores`)."""
     tag = uuid.uuid4().hex[:8]
+    if request.param == "redis":
+        clear_redis_registry(redis_url)
+        request.addfinalizer(lambda: clear_redis_registry(redis_url))
     return {
+        "PHA_REGISTRY_STORE": request.param,
         "PHA_REDIS_URL": redis_url,
         "PHA_REGISTRY_DIR": str(tmp_path / "registry"),
         "PHA_JOB_STREAM": f"pha:test:{tag}",
@@ -45,6 +50,20 @@ def env(tmp_path, redis_url):
         "PHA_TRUNCATE_INPUTS": "true",  # CB premises run past the 128 tokens the model reads
         "PHA_TORCH_THREADS": "1",  # API and worker share 2 cores: oversubscribed torch threads slow both badly
     }
+
+
+both_stores = pytest.mark.parametrize("env", ["sqlite", "redis"], indirect=True)
+
+
+def clear_redis_registry(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match="pha:registry:*"))
+    if keys:
+        client.delete(*keys)
+
+
+def store_of(env: dict[str, str]):
+    return open_registry(Settings(**{k.removeprefix("PHA_").lower(): v for k, v in env.items()}))
 
 
 @contextmanager
@@ -124,6 +143,7 @@ def test_adapt_cb_then_route_to_it_across_an_api_restart(env, data_dir):
         assert pinned["predictions"][0]["output"] in CB_LABELS
 
 
+@both_stores
 def test_worker_killed_mid_job_is_finished_by_another_and_registered_once(env, tiny_checkpoint):
     env = {**env, "PHA_CHECKPOINT": str(tiny_checkpoint), "PHA_JOB_IDLE_MS": "1500"}
     shots = [
@@ -142,9 +162,11 @@ def test_worker_killed_mid_job_is_finished_by_another_and_registered_once(env, t
             job = wait_job(client, job_id)
         assert job["state"] == "succeeded", job
         assert job["worker"] == "rescuer" and job["attempts"] == 2
-        manifest = json.loads((Path(env["PHA_REGISTRY_DIR"]) / "manifest.json").read_text())
-        assert manifest["version"] == 1 and list(manifest["tasks"]) == ["newtask"]
-        assert manifest["tasks"]["newtask"]["job_id"] == job_id
+        store = store_of(env)
+        stored = list(all_changes(store))
+        assert store.head() == 1 and [c.name for c in stored] == ["newtask"]  # registered once
+        assert stored[0].task.job_id == job_id
+        store.close()
         wait_for(lambda: client.get("/prototypes/newtask").status_code == 200)
 
 
@@ -179,7 +201,9 @@ def test_bad_adapt_requests_queue_nothing(env, tiny_checkpoint, redis_url):
         assert client.delete("/prototypes/nothing", headers={"Authorization": "Bearer wrong"}).status_code == 401
     r = redis.Redis.from_url(redis_url)
     assert r.exists(env["PHA_JOB_STREAM"]) == 0 or r.xlen(env["PHA_JOB_STREAM"]) == 0
-    assert not (Path(env["PHA_REGISTRY_DIR"]) / "manifest.json").exists()
+    store = store_of(env)
+    assert store.head() == 0, "a refused request registered something"
+    store.close()
 
 
 def test_mutations_are_refused_without_a_configured_key(env, tiny_checkpoint):
@@ -192,6 +216,7 @@ def test_mutations_are_refused_without_a_configured_key(env, tiny_checkpoint):
         assert client.post("/adapt", json={"task": "cb", "examples": ok}).status_code == 202
 
 
+@both_stores
 def test_delete_removes_an_adapted_task_everywhere(env, tiny_checkpoint):
     env = {**env, "PHA_CHECKPOINT": str(tiny_checkpoint)}
     shots = [

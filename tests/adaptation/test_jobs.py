@@ -7,6 +7,7 @@ import pytest
 import redis
 
 from service.jobs import JobQueue
+from service.schemas import AdaptRequest
 
 pytestmark = pytest.mark.redis
 
@@ -26,7 +27,7 @@ def stream(client):
 
 
 def _payload(task="cb"):
-    return {"task": task, "examples": [{"input": "x", "target": "y"}], "mode": "prototype", "steps": 5, "seed": 0}
+    return AdaptRequest(task=task, examples=[{"input": "x", "target": "y"}], mode="prototype", steps=5, seed=0)
 
 
 def test_enqueue_claim_ack(client, stream):
@@ -37,7 +38,7 @@ def test_enqueue_claim_ack(client, stream):
     assert api.get(job_id)["state"] == "queued"
     worker = JobQueue(client, stream, "g", consumer="w1")
     d = worker.claim(block_ms=100)
-    assert d.job_id == job_id and d.attempts == 1 and d.payload["task"] == "cb"
+    assert d.job_id == job_id and d.attempts == 1 and d.job.task == "cb"
     assert worker.claim(block_ms=100) is None  # nothing else is waiting
     worker.update(job_id, state="succeeded", result={"ok": True})
     worker.ack(d)

@@ -484,8 +484,8 @@ def test_k8s_shared_volumes_and_paths(rendered):
                 if "persistentVolumeClaim" in v
             }
             mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-            registry = mounts[config["PHA_REGISTRY_DIR"]]
-            assert claims[registry["name"]] == "pha-registry" and not registry.get("readOnly")
+            assert config["PHA_REGISTRY_STORE"] == "redis", "replicas on many nodes share the registry through Redis"
+            assert not any(c.startswith("pha-registry") for c in claims.values()), "no registry volume is needed"
             assert mounts["/models"]["readOnly"] and claims[mounts["/models"]["name"]] == "pha-models"
             if config["PHA_CHECKPOINT"]:
                 assert config["PHA_CHECKPOINT"].startswith("/models/")
@@ -493,11 +493,12 @@ def test_k8s_shared_volumes_and_paths(rendered):
             assert sc["allowPrivilegeEscalation"] is False and spec["securityContext"]["runAsNonRoot"] is True
             if sc.get("readOnlyRootFilesystem"):
                 assert {"/tmp", "/home/pha"} <= set(mounts), "torch and HF need writable /tmp and HOME"
-        pvc = find(objs, "PersistentVolumeClaim", "pha-registry")
-        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "every API replica and worker mounts the registry"
+        pvc = find(objs, "PersistentVolumeClaim", "pha-models")
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "every API replica and worker mounts the models"
         redis = find(objs, "StatefulSet", "redis")
         (rc,) = redis["spec"]["template"]["spec"]["containers"]
         assert _option(rc["command"], "--appendonly") == "yes" and redis["spec"]["volumeClaimTemplates"]
+        assert _option(rc["command"], "--appendfsync") == "always", "an acknowledged registry change is on disk"
         url = urlparse(config["PHA_REDIS_URL"])
         assert url.hostname == "redis" and url.port == rc["ports"][0]["containerPort"]
 

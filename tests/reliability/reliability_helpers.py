@@ -8,13 +8,14 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 
-from service.registry import RegisteredTask, Registry
+from service.registry import RegisteredTask, SqliteRegistry, all_changes
 
 KEY = "reliability-" + uuid.uuid4().hex  # the API key of these tests; never to be seen in a log
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -50,8 +51,6 @@ def register_task(registry_dir: Path, name: str, model_version: str, seed: int =
     tensors = AdaptedTensors(vector, vector.copy(), None).to_bytes()
     entry = RegisteredTask(
         name=name,
-        file="",
-        sha256="",
         mode="prototype",
         source_task="sst2",
         source_score=0.5,
@@ -61,23 +60,37 @@ def register_task(registry_dir: Path, name: str, model_version: str, seed: int =
         job_id=uuid.uuid4().hex,
         model_version=model_version,
     )
-    registered, _ = Registry(registry_dir).register(entry, tensors)
+    store = SqliteRegistry.in_folder(registry_dir)
+    try:
+        registered, _ = store.register(entry, tensors)
+    finally:
+        store.close()
     return registered
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder` (the registry as it is on disk), by relative path."""
+    """sha256 of every file under `folder`, by relative path (the registry's own files are digested by their
+    content instead: SQLite rewrites its index files on reads too)."""
     if not folder.exists():
         return {}
-    return {
+    digests = {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != ".lock"
+        if p.is_file() and not p.name.startswith("registry.sqlite3")
     }
+    if (folder / "registry.sqlite3").exists():
+        digests["registry.sqlite3 (rows)"] = json.dumps(registry_state(folder), sort_keys=True)
+    return digests
 
 
-def manifest(registry_dir: Path) -> dict:
-    return json.loads((registry_dir / "manifest.json").read_text())
+def registry_state(registry_dir: Path) -> dict:
+    """The sqlite registry as replicas see it: the last change's seq and every live task's record."""
+    store = SqliteRegistry.in_folder(registry_dir)
+    try:
+        tasks = {c.name: asdict(c.task) for c in all_changes(store) if c.task is not None}
+        return {"version": store.head(), "tasks": tasks, "rows": len(list(all_changes(store)))}
+    finally:
+        store.close()
 
 
 def stream_state(client: redis.Redis, stream: str, group: str) -> dict[str, int]:

@@ -7,13 +7,11 @@ tests with larger bounds (PHA_SOAK_KILL_ROUNDS=20, ...).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
+import sqlite3
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import redis
@@ -22,15 +20,16 @@ from reliability_helpers import (
     AUTH,
     KEY,
     adapt_body,
-    manifest,
     register_task,
+    registry_state,
     scale,
     stream_state,
     wait_for,
 )
 from service_helpers import metric, running_app
 
-from service.registry import Registry
+from service.registry import RegisteredTask
+from service.registry.records import digest
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 STEPS = 500  # about 1.5 s of training on the tiny model: long enough to be killed in the middle
@@ -108,7 +107,7 @@ def test_workers_killed_mid_job_again_and_again_lose_no_job_and_register_none_tw
 
     attempts = {jobs[j]: f["attempts"] for j, f in finished.items()}
     registered_by_a_rerun = sum(not f["result"]["registered"] for f in finished.values())
-    m = manifest(tmp_path / "registry")
+    m = registry_state(tmp_path / "registry")
     pending = stream_state(redis.Redis.from_url(aof_redis.url), "pha:jobs", "pha-workers")
     print(
         f"KILL rounds={rounds} sigkills={sum(kills.values())} jobs={len(jobs)} attempts={attempts} "
@@ -123,8 +122,7 @@ def test_workers_killed_mid_job_again_and_again_lose_no_job_and_register_none_tw
     # Exactly once: one registry entry per job, by that job, and one version per registration.
     assert sorted(m["tasks"]) == sorted(jobs.values())
     assert {t["job_id"] for t in m["tasks"].values()} == set(jobs)
-    assert m["version"] == len(jobs)
-    assert len(list((tmp_path / "registry" / "tasks").iterdir())) == len(jobs)  # no orphan or temporary file
+    assert m["version"] == len(jobs) and m["rows"] == len(jobs)  # no other change, no orphan row
     assert pending == {"length": len(jobs), "pending": 0, "lag": 0}  # every entry acknowledged
 
 
@@ -194,7 +192,7 @@ def test_redis_killed_and_restarted_under_traffic(tiny_checkpoint, aof_redis, tm
 
     during = traffic.between(down, up)
     overall = traffic.between(0, float("inf"))
-    m = manifest(tmp_path / "registry")
+    m = registry_state(tmp_path / "registry")
     print(
         f"REDIS outage={up - down:.1f}s answers_during_outage={dict(during)} answers_total={dict(overall)} "
         f"adapt_while_down={refused.status_code} jobs_read_while_down={status_read.status_code} "
@@ -252,18 +250,28 @@ def test_api_killed_and_restarted_during_a_job(tiny_checkpoint, aof_redis, tmp_p
 
 
 # --------------------------------------------------------------------------------- corrupt registry
-def test_corrupt_or_truncated_registry_is_refused_and_the_last_good_version_served(tiny_checkpoint, tmp_path):
+def _raw_row(registry: Path, name: str, seq: int, record: bytes, tensors: bytes, checked: str) -> None:
+    """Write a row behind the store's back, as a disk fault or a careless operator would."""
+    with sqlite3.connect(registry / "registry.sqlite3") as db:
+        db.execute(
+            "INSERT OR REPLACE INTO tasks (seq, name, record, tensors, digest) VALUES (?, ?, ?, ?, ?)",
+            (seq, name, record, tensors, bytes.fromhex(checked)),
+        )
+
+
+def test_corrupt_records_and_an_unreadable_store_are_refused_and_the_rest_served(tiny_checkpoint, tmp_path):
+    """A corrupt record is refused and named while every other change is applied; the task keeps its last good
+    version. A store that cannot be read at all changes nothing, and a replica starting on it still starts."""
     registry = tmp_path / "registry"
     settings = dict(registry_dir=str(registry), registry_poll_seconds=0.1)
     with running_app(tiny_checkpoint, **settings) as client:
         model = client.get("/readyz").json()["model"]
-        good = register_task(registry, "good", model, seed=1)
+        register_task(registry, "good", model, seed=1)
         wait_for(lambda: client.get("/prototypes/good").status_code == 200, 10, "good served")
         served = client.get("/prototypes/good").json()["prototype_version"]
         errors_seen: dict[str, str] = {}
 
         def refused(case: str, *must_say: str) -> None:
-            """The registry as it is now is refused: clear error, counted, the last good version still served."""
             before = metric(client, "pha_registry_errors_total")
 
             def noticed() -> bool:
@@ -273,59 +281,42 @@ def test_corrupt_or_truncated_registry_is_refused_and_the_last_good_version_serv
             wait_for(noticed, 10, f"{case} noticed")
             ready = client.get("/readyz")
             errors_seen[case] = ready.json()["registry_error"]
-            assert ready.status_code == 200 and ready.json()["registry_version"] == 1, ready.json()
+            assert ready.status_code == 200, ready.json()
             assert metric(client, "pha_registry_errors_total") > before
             still = client.get("/prototypes/good")
             assert still.status_code == 200 and still.json()["prototype_version"] == served, (case, still.text)
             assert client.post("/predict", json={"inputs": TEXT, "task": "good"}).status_code == 200
-            assert client.get("/prototypes/second").status_code == 404
 
-        def repaired(version: int) -> None:
-            wait_for(lambda: client.get("/readyz").json()["registry_error"] is None, 10, "error cleared")
-            assert client.get("/readyz").json()["registry_version"] == version
+        # A new version of "good" whose tensors were flipped on disk: refused, v1 still served; a task registered
+        # after it is served all the same.
+        v2 = RegisteredTask(name="good", mode="prototype", job_id="job-v2", model_version=model)
+        _raw_row(registry, "good", 2, v2.to_json(), b"flipped", "0" * 32)
+        refused("corrupt record", "'good'", "corrupt")
+        register_task(registry, "after", model, seed=3)
+        wait_for(lambda: client.get("/prototypes/after").status_code == 200, 10, "the rest served")
+        assert "'good'" in client.get("/readyz").json()["registry_error"]
 
-        manifest_bytes = (registry / "manifest.json").read_bytes()
-        (registry / "manifest.json").write_bytes(manifest_bytes[: len(manifest_bytes) // 2])
-        refused("truncated manifest", "manifest", "corrupt")
-        with running_app(tiny_checkpoint, **settings) as fresh:  # a replica starting on it still starts
-            ready = fresh.get("/readyz")
-            assert ready.status_code == 200 and "manifest" in ready.json()["registry_error"]
+        # A record whose digest is right but whose tensors are not safetensors: refused as not servable.
+        bad = RegisteredTask(name="third", mode="prototype", job_id="job-3", model_version=model).to_json()
+        _raw_row(registry, "third", 4, bad, b"\x00" * 16, digest(bad, b"\x00" * 16))
+        refused("tensors that are not safetensors", "'third'", "not servable")
+        assert client.get("/prototypes/third").status_code == 404
+
+        # The file's header zeroed: a replica starting on it starts (trained tasks), says why, and serves.
+        with sqlite3.connect(registry / "registry.sqlite3") as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file, none in the WAL
+        whole = (registry / "registry.sqlite3").read_bytes()
+        (registry / "registry.sqlite3").write_bytes(b"\x00" * 100 + whole[100:])
+        with running_app(tiny_checkpoint, **settings) as fresh:
+            ready = fresh.get("/readyz").json()
+            errors_seen["unreadable store"] = ready["registry_error"]
+            assert "registry.sqlite3" in ready["registry_error"] and ready["registry_version"] == -1, ready
             assert fresh.post("/predict", json={"inputs": TEXT}).status_code == 200
-        (registry / "manifest.json").write_bytes(manifest_bytes)
-        repaired(1)
-
-        (registry / "manifest.json").write_text(json.dumps({"version": 7, "tasks": ["good"]}))
-        refused("manifest of the wrong shape", "manifest", "corrupt")
-        (registry / "manifest.json").write_bytes(manifest_bytes)
-        repaired(1)
-
-        # Version 3 drops "good" and adds "second", whose file is truncated: nothing of version 3 may be applied.
-        # (Prepared in a copy, then moved in: tensor file first, manifest last, as a worker writes them.)
-        staging = tmp_path / "staging"
-        shutil.copytree(registry, staging)
-        second = register_task(staging, "second", model, seed=2)
-        Registry(staging).remove("good")
-        second_bytes = (staging / "tasks" / second.file).read_bytes()
-        tensor = registry / "tasks" / second.file
-        tensor.write_bytes(second_bytes[:-7])
-        os.replace(staging / "manifest.json", registry / "manifest.json")
-        refused("truncated tensor file", second.file, "corrupt")
-        tensor.unlink()
-        refused("missing tensor file", second.file, "missing")
-        m = manifest(registry)
-        tensor.write_bytes(b"\x00" * 16)  # not safetensors, with its sha256 written into the manifest too
-        m["tasks"]["second"]["sha256"] = hashlib.sha256(b"\x00" * 16).hexdigest()
-        (registry / "manifest.json").write_text(json.dumps(m))
-        refused("tensor file that is not safetensors", second.file, "not readable")
+        (registry / "registry.sqlite3").write_bytes(whole)
+        assert client.get("/prototypes/after").status_code == 200
         follower_alive = not client.app.state.pha.follower.done()
-        tensor.write_bytes(second_bytes)
-        m["tasks"]["second"]["sha256"] = second.sha256
-        (registry / "manifest.json").write_text(json.dumps(m))
-        repaired(3)
-        assert client.get("/prototypes/second").status_code == 200
-        assert client.get("/prototypes/good").status_code == 404  # version 3 applied whole, once readable
         total_errors = metric(client, "pha_registry_errors_total")
     print(f"REGISTRY faults_injected={len(errors_seen)} errors_counted={total_errors:.0f} last_good_served=yes")
     for case, error in errors_seen.items():
         print(f"  {case}: {error}")
-    assert follower_alive and len(errors_seen) == 5 and good.name == "good"
+    assert follower_alive and len(errors_seen) == 3

@@ -190,7 +190,6 @@ def test_task_names_cannot_escape_the_registry_folder(server):
     outside = folder / "outside.safetensors"
     outside.write_bytes(b"must survive")
     before = tree_digest(folder / "registry")
-    tasks_file = next((folder / "registry" / "tasks").iterdir()).name
     escapes = [
         "/prototypes/..",
         "/prototypes/../outside.safetensors",
@@ -204,7 +203,8 @@ def test_task_names_cannot_escape_the_registry_folder(server):
         "/prototypes/good%2F..%2F..%2Foutside.safetensors",
         "/prototypes/..%5C..%5Coutside.safetensors",
         "/prototypes/%252e%252e%252foutside.safetensors",
-        "/prototypes/tasks%2F" + tasks_file,
+        "/prototypes/registry.sqlite3",
+        "/prototypes/..%2Fregistry%2Fregistry.sqlite3",
         "/prototypes/good%00",
         "/prototypes/good%2500",
         "/prototypes/.good",

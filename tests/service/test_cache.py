@@ -115,3 +115,36 @@ def test_catalog_change_drops_stale_adapters(tiny_checkpoint, redis_url, clean_r
         while db.exists(old_keys[0]) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not db.exists(old_keys[0])
+
+
+def test_l1_is_bounded_in_bytes(tiny_checkpoint):
+    """With a byte budget of 2.5 adapter sets, the L1 keeps the two most recent and never more bytes."""
+    import asyncio
+
+    from service.cache import AdapterCache
+    from service.metrics import Metrics
+
+    with running_app(tiny_checkpoint) as client:
+        state = client.app.state.pha
+        entries = state.catalog.entries()
+        engine = state.engine
+        size = engine.adapters_for_prototype(entries[0].vector).nbytes
+        cache = AdapterCache(
+            model_version=engine.model_version,
+            n_layers=engine.model.n_decoder_layers,
+            l1_size=100,
+            redis=None,
+            metrics=Metrics(),
+            l1_bytes=int(2.5 * size),
+        )
+
+        async def generate(entry):
+            return engine.adapters_for_prototype(entry.vector)
+
+        async def fill():
+            for entry in entries:
+                await cache.get_or_create(entry, generate)
+            return await cache.get_or_create(entries[-1], generate)
+
+        _, tier = asyncio.run(fill())
+    assert len(entries) >= 3 and len(cache) == 2 and cache.l1_bytes == 2 * size and tier == "l1"

@@ -20,9 +20,13 @@ def unit(i: int, dim: int = DIM) -> np.ndarray:
     return v
 
 
+def keys(table: dict[str, np.ndarray], group: str | None = None) -> list[tuple[str, np.ndarray, str | None]]:
+    return [(name, vector, group) for name, vector in table.items()]
+
+
 def test_search_returns_best_task_score_and_margin():
     index = PrototypeIndex(DIM)
-    index.replace_all({"a": unit(0), "b": unit(1), "c": unit(0) + unit(1)})
+    index.replace_all(keys({"a": unit(0), "b": unit(1), "c": unit(0) + unit(1)}))
     query = np.stack([unit(0) * 5, unit(1) + 0.1 * unit(0)])  # scale must not matter (cosine)
     first, second = index.search(query)
     assert first.task == "a" and first.score == pytest.approx(1.0)
@@ -39,17 +43,28 @@ def test_single_prototype_has_no_margin_and_empty_index_refuses():
     assert route.task == "only" and route.margin is None
 
 
-def test_ids_are_stable_across_upserts_and_removals():
+def test_search_only_among_the_groups_asked_for_and_merges_across_them():
     index = PrototypeIndex(DIM)
-    index.replace_all({"a": unit(0), "b": unit(1)})
-    ids = {"a": index.id_of("a"), "b": index.id_of("b")}
-    index.upsert("c", unit(2))
+    index.upsert_many([("a", unit(0), "t1"), ("b", unit(1), "t2"), ("c", unit(0) + 0.2 * unit(1), None)])
+    assert index.search(unit(0), ["t2"])[0].task == "b"
+    best = index.search(unit(0), ["t2", None])[0]
+    assert best.task == "c" and best.margin > 0  # the runner-up (b) comes from the other group
+    assert index.search(unit(0))[0].task == "a" and index.size(["t1", None]) == 2
+    with pytest.raises(LookupError):
+        index.search(unit(0), ["unknown"])
+    index.upsert("a", unit(2), "t2")  # a task moving to another template leaves its old group
+    assert index.size(["t1"]) == 0 and index.search(unit(2), ["t2"])[0].task == "a"
+
+
+def test_ids_are_never_reused():
+    index = PrototypeIndex(DIM)
+    index.replace_all(keys({"a": unit(0), "b": unit(1)}))
+    seen = {index.id_of("a"), index.id_of("b")}
     assert index.remove("a") is True and index.remove("a") is False
-    index.upsert("b", unit(4))  # a new prototype for b keeps b's id
-    index.upsert("a", unit(0))  # a returns with its old id; c's id is new
-    assert index.id_of("b") == ids["b"] and index.id_of("a") == ids["a"]
-    assert index.id_of("c") not in ids.values()
-    assert len(index) == 3 and index.search(unit(4))[0].task == "b"
+    index.upsert("b", unit(4))  # a new key: a new id, so nothing cached under the old one can answer for it
+    index.upsert("a", unit(0))
+    assert {index.id_of("a"), index.id_of("b")}.isdisjoint(seen)
+    assert len(index) == 2 and index.search(unit(4))[0].task == "b"
 
 
 def test_invalid_prototypes_change_nothing():
@@ -57,13 +72,37 @@ def test_invalid_prototypes_change_nothing():
     index.upsert("a", unit(0))
     for bad in (np.ones(DIM + 1), np.zeros(DIM), np.full(DIM, np.nan)):
         with pytest.raises(ValueError):
-            index.upsert("b", bad)
-    assert len(index) == 1 and "b" not in index
+            index.upsert_many([("ok", unit(1), None), ("b", bad, None)])
+    assert len(index) == 1 and "b" not in index and "ok" not in index
+
+
+def test_a_large_group_turns_approximate_and_keeps_recall_through_changes():
+    """Past flat_max a group becomes an IVF; removals and moves are patched in place, and the nearest task
+    is still found for nearly every query (exact search is the reference)."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((20, 32)).astype(np.float32)
+    vectors = centres[rng.integers(0, 20, 3000)] + 0.3 * rng.standard_normal((3000, 32)).astype(np.float32)
+    index = PrototypeIndex(32, flat_max=500, nprobe=8)
+    index.upsert_many((f"t{i}", v, None) for i, v in enumerate(vectors))
+    assert index._groups[None].trained_at > 0, "the group did not turn into an IVF"
+    for i in range(0, 3000, 7):  # a seventh removed, another seventh moved
+        index.remove(f"t{i}")
+    moved = {f"t{i}": rng.standard_normal(32).astype(np.float32) for i in range(3, 3000, 7)}
+    index.upsert_many((n, v, None) for n, v in moved.items())
+    table = {f"t{i}": v for i, v in enumerate(vectors) if i % 7}
+    table.update(moved)
+    names = list(table)
+    unit_table = np.stack([table[n] / np.linalg.norm(table[n]) for n in names])
+    queries = vectors[rng.integers(0, 3000, 300)] + 0.1 * rng.standard_normal((300, 32)).astype(np.float32)
+    exact = [names[i] for i in np.argmax(queries @ unit_table.T, axis=1)]
+    found = [r.task for r in index.search(queries)]
+    recall = np.mean([a == b for a, b in zip(found, exact, strict=True)])
+    assert len(index) == len(table) and recall >= 0.95, recall
 
 
 def test_concurrent_searches_during_updates():
     index = PrototypeIndex(DIM)
-    index.replace_all({f"t{i}": unit(i) for i in range(4)})
+    index.replace_all(keys({f"t{i}": unit(i) for i in range(4)}))
     errors: list[BaseException] = []
     stop = threading.Event()
 
