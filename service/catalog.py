@@ -9,6 +9,7 @@ adapters. The registry, not this in-memory catalogue, is the source of truth of 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -169,6 +170,11 @@ class TaskCatalog:
             names = sorted(self._entries) if len(self._entries) <= limit else list(self._entries)[:limit]
         more = len(self._entries) - len(names)
         return ", ".join(names) + (f" and {more} more (GET /prototypes)" if more > 0 else "")
+
+    def page(self, offset: int, limit: int) -> tuple[list[TaskEntry], int]:
+        """Entries offset..offset+limit in the order they were added, and how many there are."""
+        with self._lock:
+            return list(itertools.islice(self._entries.values(), offset, offset + limit)), len(self._entries)
 
     def entries(self) -> list[TaskEntry]:
         with self._lock:

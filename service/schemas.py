@@ -270,6 +270,10 @@ class PrototypeInfo(BaseModel):
 class PrototypeList(BaseModel):
     prototypes: list[PrototypeInfo]
     version: int = Field(description="catalogue version (changes whenever a task is added, replaced or removed)")
+    total: int = Field(description="tasks in the catalogue (all pages)")
+    next_offset: int | None = Field(
+        None, description="`offset` of the next page; null on the last (pages follow the order tasks were added)"
+    )
 
 
 class Liveness(BaseModel):

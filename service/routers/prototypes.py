@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Query, Response, status
 
 from pha_core.adapt import AdaptedTensors
 from pha_core.tasks import template_fields
@@ -37,10 +38,22 @@ def _info(entry: TaskEntry, include_vector: bool = False) -> PrototypeInfo:
 
 
 @router.get("/prototypes", response_model=PrototypeList, response_model_exclude_none=False)
-async def list_prototypes(state: StateDep) -> PrototypeList:
-    """Every task: trained ones from the checkpoint, adapted ones added at run time."""
+async def list_prototypes(
+    state: StateDep,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="tasks per page")] = 1000,
+    offset: Annotated[int, Query(ge=0, description="tasks to skip (`next_offset` of the previous page)")] = 0,
+) -> PrototypeList:
+    """The tasks, a page at a time: trained ones from the checkpoint first, then adapted ones in the order they
+    were added. A million tasks are a thousand pages, not one 300 MB answer."""
     catalog = state.catalog
-    return PrototypeList(prototypes=[_info(e) for e in catalog.entries()], version=catalog.version)
+    page, total = catalog.page(offset, limit)
+    more = offset + len(page) < total
+    return PrototypeList(
+        prototypes=[_info(e) for e in page],
+        version=catalog.version,
+        total=total,
+        next_offset=offset + len(page) if more else None,
+    )
 
 
 @router.get("/prototypes/{name}", response_model=PrototypeInfo, responses={404: {"description": "unknown task"}})

@@ -45,3 +45,14 @@ def test_unknown_prototype_is_404_listing_known(client):
 def test_bad_include_vector_is_422(client):
     response = client.get("/prototypes/rte", params={"include_vector": "maybe"})
     assert response.status_code == 422 and "include_vector" in response.json()["detail"]
+
+
+def test_the_list_comes_in_pages(tiny_checkpoint):
+    with running_app(tiny_checkpoint) as client:
+        first = client.get("/prototypes", params={"limit": 2}).json()
+        assert len(first["prototypes"]) == 2 and first["total"] == 3 and first["next_offset"] == 2
+        last = client.get("/prototypes", params={"limit": 2, "offset": 2}).json()
+        assert [p["name"] for p in last["prototypes"]] == ["mnli"] and last["next_offset"] is None
+        everything = client.get("/prototypes").json()
+        assert [p["name"] for p in everything["prototypes"]] == ["sst2", "rte", "mnli"]
+        assert client.get("/prototypes", params={"limit": 0}).status_code == 422
