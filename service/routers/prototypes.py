@@ -41,7 +41,7 @@ def _info(entry: TaskEntry, include_vector: bool = False) -> PrototypeInfo:
 async def list_prototypes(
     state: StateDep,
     limit: Annotated[int, Query(ge=1, le=10_000, description="tasks per page")] = 1000,
-    offset: Annotated[int, Query(ge=0, description="tasks to skip (`next_offset` of the previous page)")] = 0,
+    offset: Annotated[int, Query(ge=0, le=10**9, description="tasks to skip (`next_offset` of the previous page)")] = 0,
 ) -> PrototypeList:
     """The tasks, a page at a time: trained ones from the checkpoint first, then adapted ones in the order they
     were added. A million tasks are a thousand pages, not one 300 MB answer."""

@@ -56,3 +56,12 @@ def test_the_list_comes_in_pages(tiny_checkpoint):
         everything = client.get("/prototypes").json()
         assert [p["name"] for p in everything["prototypes"]] == ["sst2", "rte", "mnli"]
         assert client.get("/prototypes", params={"limit": 0}).status_code == 422
+
+
+def test_a_page_past_the_end_is_empty_and_an_absurd_offset_is_refused(tiny_checkpoint):
+    """Found by the fuzzer: an offset past sys.maxsize ended in a 500."""
+    with running_app(tiny_checkpoint) as client:
+        past = client.get("/prototypes", params={"offset": 50}).json()
+        assert past["prototypes"] == [] and past["total"] == 3 and past["next_offset"] is None
+        huge = client.get("/prototypes", params={"offset": 604000249098628497408})
+        assert huge.status_code == 422 and "offset" in huge.text
