@@ -11,8 +11,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import redis
-
 from pha_core import runtime
 from pha_core.inference import Engine
 
@@ -20,6 +18,7 @@ from .adaptation import RegistrySync, follow_registry
 from .batcher import MicroBatcher, ModelRunner
 from .cache import AdapterCache, RedisTier
 from .catalog import TaskCatalog, trained_entries
+from .changes import TaskChanges
 from .jobs import JobQueue
 from .limits import ConcurrencyLimiter, RequestLimits
 from .loader import LoadedModel
@@ -27,7 +26,6 @@ from .metrics import Metrics
 from .pipeline import Pipeline, RoutePolicy
 from .predictor import Predictor
 from .redis_client import connect
-from .redis_names import REGISTRY_CHANNEL
 from .registry import RegistryStore, open_registry
 from .routing import PrototypeIndex, search_thread
 from .schemas import PredictRequest
@@ -53,19 +51,11 @@ class AppState:
     registry: RegistryStore
     sync: RegistrySync
     jobs: JobQueue | None
+    changes: TaskChanges
     warmup_seconds: float | None = None
     runtime: dict[str, object] | None = None  # torch threads etc. as the model thread sees them
     ready: bool = False
     follower: asyncio.Task | None = None
-
-    async def notify_registry(self, version: int) -> None:
-        """Tell the other replicas the registry moved (they also poll, so a lost notice only delays them)."""
-        if self.jobs is None:
-            return
-        try:
-            await asyncio.to_thread(self.jobs.r.publish, REGISTRY_CHANNEL, str(version))
-        except redis.RedisError as exc:
-            log.warning("registry notice not sent", extra={"error": str(exc)})
 
     async def start_registry(self) -> None:
         """Catch up with the registry (a restarted replica serves every adapted task), then follow it."""
@@ -151,7 +141,11 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
             idle_ms=settings.job_idle_ms,
             max_attempts=settings.job_max_attempts,
         )
+    changes = TaskChanges(
+        settings=settings, engine=engine, catalog=catalog, registry=registry, sync=sync, jobs=jobs, limits=limits
+    )
     return AppState(
+        changes=changes,
         registry=registry,
         sync=sync,
         jobs=jobs,
