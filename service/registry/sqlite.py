@@ -18,6 +18,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -26,6 +27,7 @@ from .records import Change, RegisteredTask, RegistryError, check_name, digest, 
 from .store import PAGE
 
 FILE = "registry.sqlite3"
+SETUP_WAIT_S = 30.0  # as long as a writer waits for the write lock (the connection's busy timeout)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     seq INTEGER PRIMARY KEY,
@@ -51,10 +53,7 @@ class SqliteRegistry:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
                 try:
-                    db.execute("PRAGMA page_size=8192")  # only takes effect on a new file
-                    db.execute("PRAGMA journal_mode=WAL")
-                    db.execute("PRAGMA synchronous=FULL")
-                    db.execute(SCHEMA)
+                    _set_up(db)
                 except sqlite3.Error:
                     db.close()
                     raise
@@ -182,6 +181,24 @@ class SqliteRegistry:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+
+def _set_up(db: sqlite3.Connection) -> None:
+    """WAL, full sync and the table. Processes opening a new file at once race for it: switching to WAL takes
+    an exclusive lock that SQLite's busy handler does not wait for, so a "locked" answer is retried a while."""
+    deadline = time.monotonic() + SETUP_WAIT_S
+    while True:
+        try:
+            db.execute("PRAGMA page_size=8192")  # only takes effect on a new file
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")  # kept in the file: done once per file
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute(SCHEMA)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _next_seq(db: sqlite3.Connection) -> int:
