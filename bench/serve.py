@@ -373,7 +373,7 @@ def _routing_times(dim: int, sizes: list[int], repeats: int) -> list[dict]:
         index = PrototypeIndex(dim)
         vectors = rng.standard_normal((n, dim)).astype(np.float32)
         start = time.perf_counter()
-        index.replace_all({f"task{i}": v for i, v in enumerate(vectors)})
+        index.replace_all((f"task{i}", v, None) for i, v in enumerate(vectors))
         build = time.perf_counter() - start
         row = {"prototypes": n, "build_ms": round(build * 1000, 2)}
         for batch in (1, 32):

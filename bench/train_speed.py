@@ -42,7 +42,8 @@ def main() -> None:
     args = p.parse_args()
 
     backbone = BackboneConfig(decoder_trainable=args.decoder_trainable, decoder_init=args.decoder_init)
-    model_cfg = PHAConfig(backbone=backbone, max_source_length=args.max_source_length, encoding=args.encoding)
+    encoding = {} if args.encoding is None else {"encoding": args.encoding}
+    model_cfg = PHAConfig(backbone=backbone, max_source_length=args.max_source_length, **encoding)
     with tempfile.TemporaryDirectory() as out:
         extra = {} if args.token_budget is None else {"token_budget": args.token_budget}
         cfg = TrainConfig(

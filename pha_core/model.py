@@ -179,9 +179,14 @@ class PHAModel(nn.Module):
             h, mask = self.encode(b.source, b.task_ids)
             z = self.instance_vectors(h, mask) if self.retriever is not None else None
             with self.decoder_context.use(self.decoder_adapters(b.task_ids, z)):
-                logits, _ = self.backbone.decode(b.decoder_input_ids, h, mask)
-            ce_sum = ce_sum + token_cross_entropy(logits, b.labels, reduction="sum")
-            n_tokens += int((b.labels != -100).sum())
+                states, _ = self.backbone.decode_states(b.decoder_input_ids, h, mask)
+            # The LM head (30k words for MiniLM) and its softmax run on target tokens only, not on padding:
+            # the same loss, and ~15% of a CPU step less (bench/train_speed.py).
+            targets = b.labels != -100
+            ce_sum = ce_sum + token_cross_entropy(
+                self.backbone.lm_head(states[targets]), b.labels[targets], reduction="sum"
+            )
+            n_tokens += int(targets.sum())
             zs.append(z)
             task_ids.append(b.task_ids)
         ce = ce_sum / max(1, n_tokens)

@@ -4,19 +4,23 @@ Greedy decoding can write anything, including words no task has (a wrong route o
 with another task's label). For a task with label words the decoder instead scores each label's whole token
 sequence (its words, then EOS):
 
-    log p(label | x) = sum_t log softmax(decoder(x, label_<t))[label_t]
+    log p(label | x) = sum_t log softmax_{w in next(label_<t)}(decoder(x, label_<t))[label_t]
 
-over the full vocabulary, so the scores are the model's own sequence probabilities, and
-P(label | x, one of the labels) = softmax over the labels of those log-likelihoods. The answer is the most
-probable label (always a valid one) and comes with every label's probability.
+where next(prefix) are the words the task's candidates put after that prefix: the decoder's output layer is
+projected onto those words only and normalised among them (for single-word labels, the softmax of the first
+word's logits over the labels' first words; EOS then scores 0). That is the distribution over the answers the
+task allows, and it reads a handful of the output layer's 30,522 rows instead of all of them (47 MB per call
+for MiniLM: most of a small batch's scoring time). P(label | x) = softmax over the labels of those
+log-likelihoods. The answer is the most probable label (always a valid one) and comes with every label's
+probability.
 
 STS-B has no label words: its targets are scores rounded to 0.2 ("3.8"), so its answer space is the 26 bins
 0.0 ... 5.0, and the answer is the expectation over the bins (sum_b P(b) * b), a real number: Pearson rewards a
 graded answer, the argmax bin throws that information away (docs/results.md measures both).
 
-Every (row, candidate) pair is one row of a single decoder pass (chunked to bound memory), and the LM head runs
-once per distinct (row, prefix); rows of a batch may belong to different tasks, each with its own candidates
-and adapters.
+Every (row, candidate) pair is one row of a decoder pass (chunked to bound memory) that starts from its row's
+cache (cross-attention keys and values made once per row), and the output layer runs once per distinct (row,
+prefix); rows of a batch may belong to different tasks, each with its own candidates and adapters.
 """
 
 from __future__ import annotations
@@ -31,10 +35,16 @@ from .tasks import get_task
 
 # STS-B targets are rounded to 0.2 (tasks._stsb_target), so these are every target it can have.
 STSB_BINS: tuple[str, ...] = tuple(f"{i / 5:.1f}" for i in range(26))
-# (input, candidate) rows per decoder pass. Each pass holds logits of [rows, label tokens, 30,522 words] (32 rows x
-# 4 tokens = 16 MB in float32): a bound keeps that transient small enough for the allocator to reuse instead of
-# growing the process (the load test measured RSS growth under traffic of 14.5 MiB with 1024, 8.2 with 128).
+# (input, candidate) rows per decoder pass. Each pass holds the row cache's cross-attention keys and values copied
+# per pair ([pairs, source tokens, 2 x d] a layer: 32 x 128 x 768 floats x 6 layers = 75 MB at most): a bound keeps
+# that transient small enough for the allocator to reuse instead of growing the process (the load test measured
+# RSS growth under traffic of 14.5 MiB with 1024, 8.2 with 128).
 MAX_PAIRS = 32
+# Source tokens whose cross-attention projections a row cache would save (candidates beyond the first, times the
+# longest source row) below which one decoder pass over the pairs beats two passes (start token per row, then
+# the pairs from its cache): a small batch's decoder pass costs what streaming its weights costs (~3 ms for
+# MiniLM's 6 layers on 2 CPU cores), ~100 tokens of cross-attention projections.
+SHARED_CACHE_MIN_TOKENS = 96
 
 
 @dataclass(frozen=True)
@@ -89,49 +99,104 @@ def label_log_likelihoods(
     """Sum of token log-probabilities of every candidate of every row: a [C_i] tensor per row i.
 
     `candidates[i]` are row i's candidate token sequences (with EOS); `adapters` hold one adapter set per row.
-    The decoder runs over every (row, candidate) pair, but the LM head (the 30,522-word projection: most of the
-    cost) runs once per distinct (row, prefix): the distribution of the next token depends on nothing else, so
-    positions that candidates of a row share (the first token of every label; STS-B's bins "3.0" ... "3.8"
-    share "3" and ".") are projected once: 39 head rows instead of 104 for STS-B's 26 bins. Exact.
+    The decoder runs over every (row, candidate) pair, but the output layer runs once per distinct (row,
+    prefix), onto the words that may follow it (module docstring): the distribution of the next token depends
+    on nothing else, so positions that candidates of a row share (the first token of every label; STS-B's
+    bins "3.0" ... "3.8" share "3" and ".") are projected once: 39 head rows instead of 104 for STS-B's 26 bins.
     """
     bb = model.backbone
     scores = [torch.empty(len(c), dtype=torch.float32) for c in candidates]
     for rows in _row_chunks(candidates):
         pairs = [(row, c, ids) for row in rows for c, ids in enumerate(candidates[row])]
-        index = torch.tensor([row for row, _, _ in pairs], device=encoder_hidden.device)
         width = max(len(ids) for _, _, ids in pairs)
-        dec_in = torch.full((len(pairs), width), bb.pad_token_id, dtype=torch.long)
-        for i, (_, _, ids) in enumerate(pairs):
-            dec_in[i, 0] = bb.decoder_start_token_id
-            dec_in[i, 1 : len(ids)] = torch.tensor(ids[:-1])
-        chunk_adapters = None if adapters is None else [w.index_select(index) for w in adapters]
-        with model.decoder_context.use(chunk_adapters):
-            states = bb.decode_states(
-                dec_in.to(encoder_hidden.device),
-                encoder_hidden.index_select(0, index),
-                attention_mask.index_select(0, index),
-            )
-        # One head row per distinct (row, prefix); every scored token points at its row.
+        states = _candidate_states(model, encoder_hidden, attention_mask, adapters, rows, pairs, width)
+        # One head row per distinct (row, prefix), projected onto the words that candidates put after that
+        # prefix, and normalised among them; every scored token points at its head row.
         distinct: dict[tuple, int] = {}
-        at, heads, tokens = [], [], []
+        at, heads, tokens, follows = [], [], [], []
         for i, (row, _, ids) in enumerate(pairs):
             for t, token in enumerate(ids):
                 key = (row, *ids[:t])
                 if key not in distinct:
                     distinct[key] = len(heads)
                     heads.append(i * width + t)
+                    follows.append(set())
                 at.append(distinct[key])
                 tokens.append(token)
-        logits = bb.lm_head(states.reshape(-1, states.size(-1))[torch.tensor(heads, device=states.device)]).float()
-        # log p(token) = logit - logsumexp(logits): no second [positions, vocab] tensor as log_softmax makes.
-        where = torch.tensor(at, device=logits.device)
-        token_logp = logits[where, torch.tensor(tokens, device=logits.device)] - logits.logsumexp(dim=-1)[where]
+                follows[distinct[key]].add(token)
+        words = sorted(set(tokens))
+        column = {word: j for j, word in enumerate(words)}
+        allowed = torch.zeros(len(heads), len(words), dtype=torch.bool)
+        for h, after in enumerate(follows):
+            allowed[h, [column[w] for w in after]] = True
+        device = states.device
+        flat = states.reshape(-1, states.size(-1))[torch.tensor(heads, device=device)]
+        logits = bb.lm_head(flat, torch.tensor(words, device=device)).float()
+        logits = logits.masked_fill(~allowed.to(device), float("-inf"))
+        where = torch.tensor(at, device=device)
+        cols = torch.tensor([column[t] for t in tokens], device=device)
+        token_logp = logits[where, cols] - logits.logsumexp(dim=-1)[where]
         token_logp = token_logp.cpu()
         k = 0
         for row, c, ids in pairs:
             scores[row][c] = token_logp[k : k + len(ids)].sum()
             k += len(ids)
     return scores
+
+
+def _candidate_states(model, encoder_hidden, attention_mask, adapters, rows, pairs, width) -> torch.Tensor:
+    """Decoder states [pairs, width, d] of every (row, candidate) pair, teacher-forced.
+
+    Every candidate starts with the decoder's start token, so that first step runs once per row, and its
+    cache (self-attention of the start token, cross-attention keys and values of the row's encoder states)
+    is then copied to the row's candidates, which decode the rest of their tokens from it. The cross-attention
+    projections of the encoder states -- most of a scoring pass's matmuls: STS-B scores 26 candidates on each
+    source token -- are made once per row, not once per candidate. Exact: the same attention over the same keys.
+    Where that saves less than a second pass costs (SHARED_CACHE_MIN_TOKENS), one pass over the pairs instead.
+    """
+    bb, device = model.backbone, encoder_hidden.device
+    row_index = torch.tensor(rows, device=device)
+    local = {row: i for i, row in enumerate(rows)}
+    pair_local = torch.tensor([local[row] for row, _, _ in pairs], device=device)
+    hidden, mask = encoder_hidden.index_select(0, row_index), attention_mask.index_select(0, row_index)
+    row_adapters = _select(adapters, row_index)
+    if (len(pairs) - len(rows)) * int(mask.sum(1).max()) < SHARED_CACHE_MIN_TOKENS:
+        return _pair_states(model, hidden, mask, row_adapters, pair_local, pairs, width)
+    start = torch.full((len(rows), 1), bb.decoder_start_token_id, dtype=torch.long, device=device)
+    with model.decoder_context.use(row_adapters):
+        first, cache = bb.decode_states(start, hidden, mask, use_cache=width > 1)
+    first = first.index_select(0, pair_local)
+    if width == 1:
+        return first
+    rest_in = torch.full((len(pairs), width - 1), bb.pad_token_id, dtype=torch.long)
+    for i, (_, _, ids) in enumerate(pairs):
+        rest_in[i, : len(ids) - 1] = torch.tensor(ids[:-1])
+    cache.batch_select_indices(pair_local)
+    with model.decoder_context.use(_select(row_adapters, pair_local)):
+        rest, _ = bb.decode_states(
+            rest_in.to(device), hidden.index_select(0, pair_local), mask.index_select(0, pair_local), cache, True
+        )
+    return torch.cat([first, rest], dim=1)
+
+
+def _select(adapters: list[AdapterWeights] | None, index: torch.Tensor) -> list[AdapterWeights] | None:
+    """Adapter weights of the rows `index` names (repeats allowed)."""
+    return None if adapters is None else [w.index_select(index) for w in adapters]
+
+
+def _pair_states(model, hidden, mask, adapters, pair_local, pairs, width) -> torch.Tensor:
+    """The same states from one decoder pass over every pair, start token included (each pair projects its
+    row's encoder states for cross-attention itself)."""
+    bb = model.backbone
+    dec_in = torch.full((len(pairs), width), bb.pad_token_id, dtype=torch.long)
+    for i, (_, _, ids) in enumerate(pairs):
+        dec_in[i, 0] = bb.decoder_start_token_id
+        dec_in[i, 1 : len(ids)] = torch.tensor(ids[:-1])
+    with model.decoder_context.use(_select(adapters, pair_local)):
+        states, _ = bb.decode_states(
+            dec_in.to(hidden.device), hidden.index_select(0, pair_local), mask.index_select(0, pair_local)
+        )
+    return states
 
 
 def _row_chunks(candidates: Sequence[Sequence[Sequence[int]]]) -> list[list[int]]:

@@ -1,8 +1,10 @@
-"""Rank classification (pha_core.scoring): scores are the decoder's own sequence log-likelihoods."""
+"""Rank classification (pha_core.scoring): scores are the decoder's own sequence log-likelihoods, each token's
+normalised among the words the candidates put after its prefix."""
 
 import pytest
 import torch
 
+from pha_core import scoring
 from pha_core.batching import collate
 from pha_core.evaluate import predict_examples
 from pha_core.model import PHAModel
@@ -30,20 +32,31 @@ def _encoded(model, examples):
     return batch, hidden, mask
 
 
+def _teacher_forced(model, ex, word, hidden, mask, adapters, candidates) -> float:
+    """The reference score: one teacher-forced pass of the full decoder (`decode`, the whole output layer), each
+    token's log-probability taken among the words that the candidates sharing its prefix put next."""
+    ids = model.backbone.target_ids(word)
+    one = collate(model.backbone, [Example(ex.input, word, ex.task)], {ex.task: 0}, 64, 8)
+    with model.decoder_context.use(adapters):
+        logits, _ = model.backbone.decode(one.decoder_input_ids, hidden, mask)
+    total = 0.0
+    for t, token in enumerate(ids):
+        after = sorted({c[t] for c in candidates if c[:t] == ids[:t]})
+        total += float(logits[0, t, token] - logits[0, t, after].logsumexp(-1))
+    return total
+
+
 @torch.no_grad()
 def test_scores_equal_teacher_forced_log_likelihood(model):
     ex = EXAMPLES[2]
     space = AnswerSpace.of_task("mnli")
     batch, hidden, mask = _encoded(model, [ex])
     adapters = model.decoder_adapters(batch.task_ids)
-    (scores,) = label_log_likelihoods(model, hidden, mask, adapters, [candidate_ids(model.backbone, space)])
+    candidates = candidate_ids(model.backbone, space)
+    (scores,) = label_log_likelihoods(model, hidden, mask, adapters, [candidates])
     for word, score in zip(space.words, scores.tolist(), strict=True):
-        one = collate(model.backbone, [Example(ex.input, word, ex.task)], {ex.task: 0}, 64, 8)
-        with model.decoder_context.use(adapters):
-            logits, _ = model.backbone.decode(one.decoder_input_ids, hidden, mask)
-        n = int((one.labels != -100).sum())
-        ce = torch.nn.functional.cross_entropy(logits[0], one.labels[0], ignore_index=-100, reduction="sum")
-        assert score == pytest.approx(-float(ce), abs=1e-4), (word, n)
+        expected = _teacher_forced(model, ex, word, hidden, mask, adapters, candidates)
+        assert score == pytest.approx(expected, abs=1e-4), word
 
 
 @torch.no_grad()
@@ -106,10 +119,13 @@ def test_greedy_decoding_stays_available(model):
 
 
 @pytest.mark.parametrize("kind", ["minilm", "t5"])
+@pytest.mark.parametrize("row_cache", [True, False])
 @torch.no_grad()
-def test_shared_prefixes_score_as_each_candidate_alone(kind):
+def test_shared_prefixes_score_as_each_candidate_alone(kind, row_cache, monkeypatch):
     """STS-B's 26 bins share their first tokens: the head runs once per distinct prefix, the scores are those of
-    each bin's own teacher-forced pass, for both backbones."""
+    each bin's own teacher-forced pass, for both backbones, with the row cache (candidates decoded from their
+    row's start-token cache) and with one pass over the pairs."""
+    monkeypatch.setattr(scoring, "SHARED_CACHE_MIN_TOKENS", 0 if row_cache else 10**9)
     torch.manual_seed(0)
     model = PHAModel(tiny_config(kind, tasks=["stsb", "sst2"])).eval()
     rows = [Example("sentence1: a b. sentence2: a c.", "3.8", "stsb"), Example("sentence: fine", "positive", "sst2")]
@@ -119,9 +135,9 @@ def test_shared_prefixes_score_as_each_candidate_alone(kind):
     scores = label_log_likelihoods(model, hidden, mask, adapters, [candidate_ids(model.backbone, s) for s in spaces])
     for row, (space, got) in enumerate(zip(spaces, scores, strict=True)):
         one_adapters = [w.index_select(torch.tensor([row])) for w in adapters]
+        candidates = candidate_ids(model.backbone, space)
         for word, score in zip(space.words, got.tolist(), strict=True):
-            one = collate(model.backbone, [Example(rows[row].input, word, rows[row].task)], {rows[row].task: 0}, 64, 8)
-            with model.decoder_context.use(one_adapters):
-                logits, _ = model.backbone.decode(one.decoder_input_ids, hidden[row : row + 1], mask[row : row + 1])
-            ce = torch.nn.functional.cross_entropy(logits[0], one.labels[0], ignore_index=-100, reduction="sum")
-            assert score == pytest.approx(-float(ce), abs=1e-4), (kind, word)
+            expected = _teacher_forced(
+                model, rows[row], word, hidden[row : row + 1], mask[row : row + 1], one_adapters, candidates
+            )
+            assert score == pytest.approx(expected, abs=1e-4), (kind, word)
