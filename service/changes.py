@@ -146,7 +146,7 @@ class TaskChanges:
         if entry is not None and entry.source == "trained":
             raise ServiceError(409, f"{name!r} is a trained task of the model and cannot be deleted", reason="conflict")
         try:
-            removed = await asyncio.to_thread(self.registry.remove, name) if _valid(name) else None
+            removed = await asyncio.to_thread(self.registry.remove, name) if _name_error(name) is None else None
         except RegistryError as exc:
             raise _unavailable(exc) from exc
         if removed is None:
@@ -216,19 +216,19 @@ class TaskChanges:
             raise ServiceError(409, conflict, reason="conflict")
 
 
-def _check_name(name: str) -> None:
+def _name_error(name: str) -> str | None:
+    """Why `name` cannot be a task's name, or None."""
     try:
         check_name(name)
     except ValueError as exc:
-        raise ServiceError(422, str(exc), reason="invalid") from None
+        return str(exc)
+    return None
 
 
-def _valid(name: str) -> bool:
-    try:
-        check_name(name)
-    except ValueError:
-        return False
-    return True
+def _check_name(name: str) -> None:
+    error = _name_error(name)
+    if error is not None:
+        raise ServiceError(422, error, reason="invalid")
 
 
 def _unavailable(exc: Exception) -> ServiceError:

@@ -148,7 +148,6 @@ def _url(store: RedisRegistry) -> str:
 
 def test_a_prototype_mode_task_is_under_one_kilobyte(store):
     from pha_core.adapt import AdaptedTensors
-    from pha_core.calibration import Spread  # noqa: F401 - the record carries its spread as a pair
 
     v = np.random.default_rng(0).standard_normal(128).astype(np.float32)
     task = _task(
