@@ -86,6 +86,17 @@ class Backbone(nn.Module):
         """The decoder's last hidden states [B, T, d] (`decode` before the LM head: `lm_head` gives its logits),
         and the updated cache when `use_cache` (it holds the cross-attention keys and values of the encoder
         states, which a later call with the cache does not compute again)."""
+        out = self.decoder_stack()(
+            input_ids=decoder_input_ids,
+            encoder_hidden_states=encoder_hidden,
+            encoder_attention_mask=encoder_mask,
+            use_cache=use_cache,
+            **{self._cache_kw: cache},
+        )
+        return out.last_hidden_state, output_cache(out, self._cache_kw)
+
+    def decoder_stack(self) -> nn.Module:
+        """The decoder's layer stack without the LM head (what `decode_states` runs)."""
         raise NotImplementedError
 
     def lm_head(self, states: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,24 +245,11 @@ class MiniLMBackbone(Backbone):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def decode(self, decoder_input_ids, encoder_hidden, encoder_mask, cache=None, use_cache=False):
-        out = self.decoder(
-            input_ids=decoder_input_ids,
-            encoder_hidden_states=encoder_hidden,
-            encoder_attention_mask=encoder_mask,
-            use_cache=use_cache,
-            **{self._cache_kw: cache},
-        )
-        return out.logits, output_cache(out, self._cache_kw)
+        states, cache = self.decode_states(decoder_input_ids, encoder_hidden, encoder_mask, cache, use_cache)
+        return self.lm_head(states), cache  # what BertLMHeadModel computes: cls(bert(...))
 
-    def decode_states(self, decoder_input_ids, encoder_hidden, encoder_mask, cache=None, use_cache=False):
-        out = self.decoder.bert(
-            input_ids=decoder_input_ids,
-            encoder_hidden_states=encoder_hidden,
-            encoder_attention_mask=encoder_mask,
-            use_cache=use_cache,
-            **{self._cache_kw: cache},
-        )
-        return out.last_hidden_state, output_cache(out, self._cache_kw)
+    def decoder_stack(self) -> nn.Module:
+        return self.decoder.bert
 
     def lm_head(self, states, words=None):
         if words is None:
@@ -329,15 +327,8 @@ class T5Backbone(Backbone):
         )
         return out.logits, output_cache(out, self._cache_kw)
 
-    def decode_states(self, decoder_input_ids, encoder_hidden, encoder_mask, cache=None, use_cache=False):
-        out = self.model.decoder(
-            input_ids=decoder_input_ids,
-            encoder_hidden_states=encoder_hidden,
-            encoder_attention_mask=encoder_mask,
-            use_cache=use_cache,
-            **{self._cache_kw: cache},
-        )
-        return out.last_hidden_state, output_cache(out, self._cache_kw)
+    def decoder_stack(self) -> nn.Module:
+        return self.model.decoder
 
     def lm_head(self, states, words=None):
         c = self.model.config

@@ -110,38 +110,41 @@ def label_log_likelihoods(
         pairs = [(row, c, ids) for row in rows for c, ids in enumerate(candidates[row])]
         width = max(len(ids) for _, _, ids in pairs)
         states = _candidate_states(model, encoder_hidden, attention_mask, adapters, rows, pairs, width)
-        # One head row per distinct (row, prefix), projected onto the words that candidates put after that
-        # prefix, and normalised among them; every scored token points at its head row.
-        distinct: dict[tuple, int] = {}
-        at, heads, tokens, follows = [], [], [], []
-        for i, (row, _, ids) in enumerate(pairs):
-            for t, token in enumerate(ids):
-                key = (row, *ids[:t])
-                if key not in distinct:
-                    distinct[key] = len(heads)
-                    heads.append(i * width + t)
-                    follows.append(set())
-                at.append(distinct[key])
-                tokens.append(token)
-                follows[distinct[key]].add(token)
-        words = sorted(set(tokens))
-        column = {word: j for j, word in enumerate(words)}
-        allowed = torch.zeros(len(heads), len(words), dtype=torch.bool)
-        for h, after in enumerate(follows):
-            allowed[h, [column[w] for w in after]] = True
-        device = states.device
-        flat = states.reshape(-1, states.size(-1))[torch.tensor(heads, device=device)]
-        logits = bb.lm_head(flat, torch.tensor(words, device=device)).float()
-        logits = logits.masked_fill(~allowed.to(device), float("-inf"))
-        where = torch.tensor(at, device=device)
-        cols = torch.tensor([column[t] for t in tokens], device=device)
-        token_logp = logits[where, cols] - logits.logsumexp(dim=-1)[where]
-        token_logp = token_logp.cpu()
+        token_logp = _token_log_probs(bb, states, pairs, width)
         k = 0
         for row, c, ids in pairs:
             scores[row][c] = token_logp[k : k + len(ids)].sum()
             k += len(ids)
     return scores
+
+
+def _token_log_probs(bb, states: torch.Tensor, pairs, width: int) -> torch.Tensor:
+    """log p of every scored token of every pair, in order: one head row per distinct (row, prefix), projected
+    onto the words that candidates put after that prefix and normalised among them."""
+    distinct: dict[tuple, int] = {}
+    at, heads, tokens, follows = [], [], [], []
+    for i, (row, _, ids) in enumerate(pairs):
+        for t, token in enumerate(ids):
+            key = (row, *ids[:t])
+            if key not in distinct:
+                distinct[key] = len(heads)
+                heads.append(i * width + t)
+                follows.append(set())
+            at.append(distinct[key])
+            tokens.append(token)
+            follows[distinct[key]].add(token)
+    words = sorted(set(tokens))
+    column = {word: j for j, word in enumerate(words)}
+    allowed = torch.zeros(len(heads), len(words), dtype=torch.bool)
+    for h, after in enumerate(follows):
+        allowed[h, [column[w] for w in after]] = True
+    device = states.device
+    flat = states.reshape(-1, states.size(-1))[torch.tensor(heads, device=device)]
+    logits = bb.lm_head(flat, torch.tensor(words, device=device)).float()
+    logits = logits.masked_fill(~allowed.to(device), float("-inf"))
+    where = torch.tensor(at, device=device)
+    cols = torch.tensor([column[t] for t in tokens], device=device)
+    return (logits[where, cols] - logits.logsumexp(dim=-1)[where]).cpu()
 
 
 def _candidate_states(model, encoder_hidden, attention_mask, adapters, rows, pairs, width) -> torch.Tensor:
