@@ -171,9 +171,7 @@ def _candidate_states(model, encoder_hidden, attention_mask, adapters, rows, pai
     first = first.index_select(0, pair_local)
     if width == 1:
         return first
-    rest_in = torch.full((len(pairs), width - 1), bb.pad_token_id, dtype=torch.long)
-    for i, (_, _, ids) in enumerate(pairs):
-        rest_in[i, : len(ids) - 1] = torch.tensor(ids[:-1])
+    rest_in = _decoder_inputs(bb, pairs, width)[:, 1:]  # the start token is in the cache
     cache.batch_select_indices(pair_local)
     with model.decoder_context.use(_select(row_adapters, pair_local)):
         rest, _ = bb.decode_states(
@@ -190,16 +188,21 @@ def _select(adapters: list[AdapterWeights] | None, index: torch.Tensor) -> list[
 def _pair_states(model, hidden, mask, adapters, pair_local, pairs, width) -> torch.Tensor:
     """The same states from one decoder pass over every pair, start token included (each pair projects its
     row's encoder states for cross-attention itself)."""
-    bb = model.backbone
-    dec_in = torch.full((len(pairs), width), bb.pad_token_id, dtype=torch.long)
-    for i, (_, _, ids) in enumerate(pairs):
-        dec_in[i, 0] = bb.decoder_start_token_id
-        dec_in[i, 1 : len(ids)] = torch.tensor(ids[:-1])
+    dec_in = _decoder_inputs(model.backbone, pairs, width)
     with model.decoder_context.use(_select(adapters, pair_local)):
-        states, _ = bb.decode_states(
+        states, _ = model.backbone.decode_states(
             dec_in.to(hidden.device), hidden.index_select(0, pair_local), mask.index_select(0, pair_local)
         )
     return states
+
+
+def _decoder_inputs(bb, pairs, width: int) -> torch.Tensor:
+    """Teacher-forced decoder inputs [pairs, width]: the start token, then each candidate but its EOS; padded."""
+    dec_in = torch.full((len(pairs), width), bb.pad_token_id, dtype=torch.long)
+    dec_in[:, 0] = bb.decoder_start_token_id
+    for i, (_, _, ids) in enumerate(pairs):
+        dec_in[i, 1 : len(ids)] = torch.tensor(ids[:-1])
+    return dec_in
 
 
 def _row_chunks(candidates: Sequence[Sequence[Sequence[int]]]) -> list[list[int]]:
