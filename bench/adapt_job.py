@@ -13,46 +13,21 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/adapt_job.py`: the checkout's packages
 
 from pha_core.data import data_dir_from_env, load_splits, low_data  # noqa: E402
+from tests.support.jobs import wait_job  # noqa: E402
+from tests.support.polling import wait_for  # noqa: E402
+from tests.support.processes import ApiServer, WorkerProcess  # noqa: E402
+from tests.support.redis_server import PrivateRedis  # noqa: E402
 
 KEY = "bench-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start(stack: ExitStack, cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    handle = stack.enter_context(log.open("w"))
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT)
-    stack.callback(lambda: (proc.terminate(), proc.wait(timeout=30)))
-    return proc
-
-
-def wait_ready(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"server at {url} not ready after {timeout} s")
+JOB_TIMEOUT_S = 3600  # the job of a slow machine; a dead worker fails the wait at once
 
 
 def main() -> int:
@@ -67,45 +42,39 @@ def main() -> int:
     splits = load_splits([args.task], data_dir_from_env())[args.task]
     shots = [{"input": e.input, "target": e.target} for e in low_data(splits["train"], n=args.k, seed=0)]
     probe = splits["test"][0].input
-    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        redis_port, api_port = free_port(), free_port()
-        start(
-            stack,
-            ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-            {},
-            Path(tmp) / "redis.log",
-        )
+    with tempfile.TemporaryDirectory() as tmp, PrivateRedis(Path(tmp) / "redis", appendonly=False) as redis_server:
         env = {
-            "PHA_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "PHA_REDIS_URL": redis_server.url,
             "PHA_REGISTRY_DIR": f"{tmp}/registry",
             "PHA_API_KEY": KEY,
             "PHA_CHECKPOINT": args.checkpoint,
             "PHA_TRUNCATE_INPUTS": "true",
             "PHA_REGISTRY_POLL_SECONDS": "2",
-            "HF_HUB_OFFLINE": "1",
             "PHA_LOG_LEVEL": "WARNING",
         }
-        start(
-            stack, [sys.executable, "-m", "pha_core.cli", "serve", "--port", str(api_port)], env, Path(tmp) / "api.log"
-        )
-        start(stack, [sys.executable, "-m", "pha_core.cli", "worker"], env, Path(tmp) / "worker.log")
-        url = f"http://127.0.0.1:{api_port}"
-        wait_ready(url)
-        time.sleep(3)  # let the worker finish loading the model too: its start-up is not the job's time
-        body = {"task": args.task, "examples": shots, "steps": args.steps, "mode": args.mode}
+        with ApiServer(env, Path(tmp) / "api.log") as api, WorkerProcess(env, Path(tmp) / "worker.log") as worker:
+            report = time_one_job(api, worker, args, shots, probe)
+    print(json.dumps(report, indent=2))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2))
+    return 0 if report["state"] == "succeeded" else 1
+
+
+def time_one_job(api: ApiServer, worker: WorkerProcess, args: argparse.Namespace, shots: list[dict], probe: str):
+    """POST /adapt, then the times until the job succeeded and until the API serves the new task."""
+    time.sleep(3)  # let the worker finish loading the model too: its start-up is not the job's time
+    body = {"task": args.task, "examples": shots, "steps": args.steps, "mode": args.mode}
+    with api.client() as client:
         t0 = time.perf_counter()
-        r = httpx.post(f"{url}/adapt", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        r = client.post("/adapt", json=body, headers={"Authorization": f"Bearer {KEY}"})
         accepted = time.perf_counter() - t0
         r.raise_for_status()
-        job_id = r.json()["job_id"]
-        while (job := httpx.get(f"{url}/jobs/{job_id}").json())["state"] not in ("succeeded", "failed"):
-            time.sleep(0.1)
+        job = wait_job(client, r.json()["job_id"], timeout=JOB_TIMEOUT_S, worker=worker)
         finished = time.perf_counter() - t0
-        while httpx.get(f"{url}/prototypes/{args.task}").status_code != 200:
-            time.sleep(0.05)
+        wait_for(lambda: client.get(f"/prototypes/{args.task}").status_code == 200, JOB_TIMEOUT_S, "the task served")
         visible = time.perf_counter() - t0
-        pred = httpx.post(f"{url}/predict", json={"inputs": probe}).json()["predictions"][0]
-    report = {
+        pred = client.post("/predict", json={"inputs": probe}).json()["predictions"][0]
+    return {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "args": vars(args),
         "state": job["state"],
@@ -121,10 +90,6 @@ def main() -> int:
         "first_prediction": pred,
         "command": " ".join(sys.argv),
     }
-    print(json.dumps(report, indent=2))
-    if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2))
-    return 0 if job["state"] == "succeeded" else 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ environment (image ENV first, then the service's `environment`), the volumes and
 changes, because there is no container: named volumes become folders under a temporary directory, bind mounts
 resolve to their host folders, every environment value that names a path inside a mount is rewritten to the host
 path, `redis://<service>:port` points at the local redis-server on a private loopback port, and `pha serve` binds
-127.0.0.1 on a free port. `pha` runs as `python -m pha_core.cli` with this interpreter.
+127.0.0.1 on a free port. `pha` runs as `python -m pha_cli` with this interpreter.
 
 Then: Redis answers PING; the API's /livez, /readyz and /metrics answer; one POST /predict is served; and, when the
 worker exists (service/worker.py and POST /adapt), one /adapt job runs through the worker to `succeeded` and the
@@ -20,12 +20,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,15 +35,18 @@ from urllib.parse import urlparse
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "deploy"))
+sys.path.insert(0, str(ROOT))  # `python bench/compose_local.py`: the checkout's packages
 
-from deployfiles import (  # noqa: E402
+from tests.support.deployfiles import (  # noqa: E402
     compose_environment,
     compose_volumes,
     expand_args,
     interpolate,
     read_dockerfile,
 )
+from tests.support.ports import free_port  # noqa: E402
+from tests.support.processes import PHA, Child, environ_without_pha  # noqa: E402
+from tests.support.redis_server import wait_until_redis_answers  # noqa: E402
 
 # Image ENV names that matter to the process (PATH and the like belong to the image, not to this machine).
 IMAGE_ENV_PREFIXES = ("PHA_", "HF_", "TRANSFORMERS_", "PYTHON")
@@ -61,50 +60,6 @@ ADAPT_EXAMPLES = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Proc:
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log: Path
-    popen: subprocess.Popen | None = None
-    returncode: int | None = None
-
-    def start(self) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        out = self.log.open("wb")
-        self.popen = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        out.close()
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def stop(self, grace: float = 20.0) -> int | None:
-        if self.popen is None:
-            return None
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
-        self.returncode = self.popen.returncode
-        return self.returncode
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
 @dataclass
 class LocalCompose:
     """The services of a compose file as local processes (see the module docstring for what is remapped)."""
@@ -112,7 +67,7 @@ class LocalCompose:
     compose_file: Path
     workdir: Path
     variables: dict[str, str] = field(default_factory=dict)  # what .env / the shell would give compose
-    procs: dict[str, Proc] = field(default_factory=dict)
+    procs: dict[str, Child] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -153,7 +108,7 @@ class LocalCompose:
 
     def environment(self, name: str) -> dict[str, str]:
         svc = self.services[name]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PHA_")}
+        env = environ_without_pha()
         dockerfile = (svc.get("build") or {}).get("dockerfile")
         if dockerfile:
             df = read_dockerfile(self.compose_file.parent / dockerfile)
@@ -165,7 +120,7 @@ class LocalCompose:
     def argv(self, name: str) -> list[str]:
         cmd = list(self.services[name]["command"])
         if cmd[0] == "pha":
-            cmd = [sys.executable, "-m", "pha_core.cli", *cmd[1:]]
+            cmd = [*PHA, *cmd[1:]]
             if "--host" in cmd:
                 cmd[cmd.index("--host") + 1] = "127.0.0.1"
             if "--port" in cmd:
@@ -194,25 +149,22 @@ class LocalCompose:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.ports[self.api]}"
 
-    def start(self, name: str) -> Proc:
-        proc = Proc(name, self.argv(name), self.environment(name), self.workdir / "logs" / f"{name}.log")
+    def start(self, name: str) -> Child:
+        proc = Child(self.argv(name), self.environment(name), self.workdir / "logs" / f"{name}.log")
         self.procs[name] = proc
-        proc.start()
-        return proc
+        return proc.start()
+
+    def start_all(self, timeout: float) -> dict[str, Any]:
+        """Redis, then the API and (where it exists yet) the worker; returns /readyz once the API is ready."""
+        self.start(self.redis)
+        self.wait_redis()
+        self.start(self.api)
+        if importlib.util.find_spec("service.worker") is not None:
+            self.start(self.worker)
+        return self.wait_ready(timeout)
 
     def wait_redis(self, timeout: float = 20.0) -> None:
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=self.ports[self.redis], socket_connect_timeout=1)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_alive(self.redis)
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.1)
-        raise TimeoutError(f"redis-server did not answer PING in {timeout:.0f}s:\n{self.procs[self.redis].tail()}")
+        wait_until_redis_answers(self.ports[self.redis], self.procs[self.redis], timeout)
 
     def wait_ready(self, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -227,12 +179,12 @@ class LocalCompose:
             except OSError as exc:
                 last = exc
             time.sleep(0.5)
-        raise TimeoutError(f"/readyz not 200 after {timeout:.0f}s (last: {last}):\n{self.procs[self.api].tail()}")
+        raise TimeoutError(f"/readyz not 200 after {timeout:.0f}s (last: {last}):\n{self.procs[self.api].log_tail()}")
 
     def _check_alive(self, name: str) -> None:
         proc = self.procs[name]
         if not proc.alive():
-            raise RuntimeError(f"{name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+            raise RuntimeError(f"{name} exited with {proc.process.returncode}:\n{proc.log_tail()}")
 
     def request(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 60
@@ -253,7 +205,7 @@ class LocalCompose:
 
     def stop(self) -> dict[str, int | None]:
         """Stop in reverse start order (worker and API before Redis); returns each exit code."""
-        return {name: proc.stop() for name, proc in reversed(list(self.procs.items()))}
+        return {name: proc.stop(timeout=20) for name, proc in reversed(list(self.procs.items()))}
 
 
 def adapt_unavailable(stack: LocalCompose) -> str | None:
@@ -307,10 +259,10 @@ def check_adapt(stack: LocalCompose, api_key: str, timeout: float) -> dict[str, 
             break
         if time.monotonic() > deadline:
             raise TimeoutError(
-                f"job {job_id} still {state['state']} after {timeout:.0f}s:\n{stack.procs[stack.worker].tail()}"
+                f"job {job_id} still {state['state']} after {timeout:.0f}s:\n{stack.procs[stack.worker].log_tail()}"
             )
         time.sleep(0.5)
-    assert state["state"] == "succeeded", f"job failed: {state}\n{stack.procs[stack.worker].tail()}"
+    assert state["state"] == "succeeded", f"job failed: {state}\n{stack.procs[stack.worker].log_tail()}"
     # the registry notice reaches the API: the new task is listed, then served when pinned
     deadline = time.monotonic() + 30
     while True:
@@ -331,12 +283,7 @@ def run(compose_file: Path, workdir: Path, timeout: float = 180.0) -> dict[str, 
     report: dict[str, Any] = {"workdir": str(workdir), "ports": stack.ports}
     t0 = time.monotonic()
     try:
-        stack.start(stack.redis)
-        stack.wait_redis()
-        stack.start(stack.api)
-        if importlib.util.find_spec("service.worker") is not None:
-            stack.start(stack.worker)
-        report["ready"] = stack.wait_ready(timeout)
+        report["ready"] = stack.start_all(timeout)
         report["ready_seconds"] = round(time.monotonic() - t0, 1)
         check_health(stack)
         report["predict"] = check_predict(stack)

@@ -29,9 +29,11 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/fuzz.py`: the checkout's packages
 
-from procs import ApiServer, PrivateRedis, WorkerProcess, write_json  # noqa: E402
+from bench.machine import write_json  # noqa: E402
+from tests.support.processes import ApiServer, WorkerProcess  # noqa: E402
+from tests.support.redis_server import PrivateRedis  # noqa: E402
 
 EXCLUDED_CHECKS = ("positive_data_acceptance",)
 

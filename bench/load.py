@@ -33,12 +33,12 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/load.py`: the checkout's packages
 
-from procs import ApiServer, rss_kib, write_json  # noqa: E402
-from serve import fill, machine, percentile  # noqa: E402
-
+from bench.machine import write_json  # noqa: E402
+from bench.serve import fill, machine, percentile  # noqa: E402
 from pha_core.tasks import TASKS  # noqa: E402
+from tests.support.processes import ApiServer, rss_kib  # noqa: E402
 
 INVALID = ({"inputs": ""}, {"inputs": "sentence: fine", "task": "no-such-task"}, {"inputs": "x", "max_new_tokens": 0})
 

@@ -17,13 +17,14 @@ def machine() -> dict[str, Any]:
     """Platform, CPU model and count, torch version and threads, the GPU if any."""
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
     info["threads"] = torch.get_num_threads()
-    info["cpu"] = _cpu_model()
+    info["cpu"] = cpu_model()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -39,3 +40,12 @@ def write_result(path: str | Path, data: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({**data, "machine": machine()}, indent=2) + "\n"
     write_atomic(out, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path | None, figures: dict[str, Any]) -> None:
+    """Print `figures` as JSON, and write them to `path` too when given (the reliability scripts' output)."""
+    text = json.dumps(figures, indent=2)
+    print(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")

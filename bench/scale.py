@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.store == "sqlite":
                 where = str(Path(tmp) / f"registry-{n}.sqlite3")
             else:
-                from bench.procs import PrivateRedis
+                from tests.support.redis_server import PrivateRedis
 
                 server = PrivateRedis(Path(tmp) / f"redis-{n}", appendfsync="always").start()
                 where = server.url

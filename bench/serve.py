@@ -27,11 +27,10 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import string
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,9 +38,12 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/serve.py`: the checkout's packages
 
+from bench.machine import cpu_model  # noqa: E402
 from pha_core.tasks import TASKS  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
+from tests.support.processes import HttpServer, environ_without_pha  # noqa: E402
 
 SENTENCES = (
     "A gripping, beautifully shot film with a weak ending.",
@@ -59,16 +61,9 @@ OUTPUT_SAMPLE = 400  # outputs kept per cell, to count the tokens generated
 
 # ---------------------------------------------------------------------------------------------- machine
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """Where the numbers were taken (the fields every serve, load and soak result has had)."""
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -76,14 +71,10 @@ def machine() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: argparse.Namespace, port: int, log_path: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PHA_")}
+def server(args: argparse.Namespace, log_path: Path) -> HttpServer:
+    """uvicorn on the app factory, on a free loopback port (not started)."""
+    port = free_port()
+    env = environ_without_pha()
     env.update(
         PHA_CHECKPOINT=args.checkpoint or "",
         PHA_REDIS_URL=args.redis_url or "",
@@ -111,32 +102,7 @@ def start_server(args: argparse.Namespace, port: int, log_path: Path) -> subproc
         "warning",
         "--no-access-log",
     ]
-    log = open(log_path, "wb")  # noqa: SIM115 - the server writes to it until it is stopped
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=Path(__file__).resolve().parents[1])
-
-
-def wait_ready(base: str, process: subprocess.Popen, log_path: Path, timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited ({process.returncode}):\n{log_path.read_text()[-3000:]}")
-        try:
-            response = httpx.get(f"{base}/readyz", timeout=5)
-            if response.status_code == 200:
-                return response.json()
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"server not ready after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.terminate()  # our own child, by its pid
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    return HttpServer(cmd, env, log_path, port, name="uvicorn")
 
 
 # --------------------------------------------------------------------------------------------- traffic
@@ -521,12 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     repeats = 20 if args.quick else 100
     info = machine()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pha-bench-serve-{port}.log"
-    process = start_server(args, port, log_path)
+    log_path = Path(tempfile.mkdtemp(prefix="pha-bench-serve-")) / "server.log"
+    uvicorn = server(args, log_path).start(timeout=600)
+    base = uvicorn.base
     try:
-        ready = wait_ready(base, process, log_path)
+        ready = uvicorn.wait_ready()
         info.update(torch=ready["runtime"].get("torch"), torch_threads=ready["runtime"].get("torch_threads"))
         print(
             f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} "
@@ -537,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         proto_dim = len(httpx.get(f"{base}/prototypes/{_first_task(base)}?include_vector=true").json()["vector"])
         rows, by_task, kind = load_test(args, base)
     finally:
-        stop_server(process)
+        uvicorn.stop()
     engine = load_engine(args)
     count_tokens(rows, engine)
     encoder = encoder_alone(mixed_texts(by_task), info.get("torch_threads"))

@@ -22,12 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/soak.py`: the checkout's packages
 
-import fuzz  # noqa: E402
-import load  # noqa: E402
-from procs import REPO, child_env, write_json  # noqa: E402
-from serve import machine  # noqa: E402
+from bench import fuzz, load  # noqa: E402
+from bench.machine import write_json  # noqa: E402
+from bench.serve import machine  # noqa: E402
+from tests.support.processes import REPO, child_env  # noqa: E402
 
 FIGURE_PREFIXES = ("KILL ", "REDIS ", "API-RESTART ", "REGISTRY ", "AUTH ", "PATHS ", "LOGS ", "PICKLE ", "POISON ")
 FIGURE_PREFIXES += ("SCAN ", "BOUNDS ")

@@ -30,6 +30,7 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
 COPY docker/constraints.txt docker/constraints.txt
 COPY pyproject.toml README.md ./
 COPY pha_core pha_core
+COPY pha_cli pha_cli
 COPY service service
 # -I: import the installed package, not the sources in the working directory.
 RUN pip install --no-cache-dir -c docker/constraints.txt ".[serve]" \

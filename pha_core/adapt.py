@@ -32,7 +32,7 @@ from safetensors.torch import save as st_save
 from .adapters import AdapterWeights
 from .batching import collate
 from .calibration import RouteCalibration, Spread
-from .inference import AdapterSet
+from .inference import AdapterSet, prototype_adapters
 from .losses import prototype_contrastive_loss, token_cross_entropy
 from .model import PHAModel
 from .retriever import cosine_scores, retrieve
@@ -266,14 +266,8 @@ def _vectors_only(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def adapted_adapters(model: PHAModel, result: AdaptResult) -> AdapterSet:
-    """The decoder adapters an adapted task is served with."""
-    if result.adapters is not None:
-        return result.adapters
-    with torch.no_grad():
-        cond = torch.as_tensor(result.prototype, device=model.device).view(1, -1)
-        return AdapterSet(
-            [AdapterWeights(*(t.detach().cpu() for t in w.tensors())) for w in model.adapters_from_condition(cond)]
-        )
+    """The decoder adapters an adapted task is served with: its own (adapter mode) or its prototype's."""
+    return result.adapters if result.adapters is not None else prototype_adapters(model, result.prototype)
 
 
 @torch.no_grad()

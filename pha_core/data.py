@@ -34,7 +34,7 @@ SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 def _shuffled(items: Sequence[Example], seed: int) -> list[Example]:
     order = list(items)
-    random.Random(seed).shuffle(order)
+    random.Random(seed).shuffle(order)  # noqa: S311 (a seeded, reproducible split, not a secret)
     return order
 
 
@@ -234,7 +234,7 @@ class ProportionalMixer:
         if epoch != self._epoch:
             order = list(range(len(self._pool)))
             # A string seed is hashed with SHA-512 by random.seed, so it is stable across runs and processes.
-            random.Random(f"pha-mixer:{self.seed}:{epoch}").shuffle(order)
+            random.Random(f"pha-mixer:{self.seed}:{epoch}").shuffle(order)  # noqa: S311 (seeded batch order)
             self._epoch, self._order = epoch, order
         return self._order
 

@@ -76,6 +76,13 @@ class Encoded:
         return Encoded(self.hidden.index_select(0, index), self.mask.index_select(0, index), z)
 
 
+@torch.inference_mode()
+def prototype_adapters(model: PHAModel, prototype: np.ndarray | torch.Tensor) -> AdapterSet:
+    """H(C([k; e_m])) for every decoder layer: the adapters a task is served with, from its prototype."""
+    cond = torch.as_tensor(np.asarray(prototype, dtype=np.float32), device=model.device).view(1, -1)
+    return AdapterSet(model.adapters_from_condition(cond))
+
+
 class Engine:
     """Thread-safe inference over one `PHAModel` (eval mode, no grad)."""
 
@@ -148,11 +155,8 @@ class Engine:
             z = self.model.instance_vectors(hidden, mask).float().cpu().numpy()
         return Encoded(hidden, mask, z)
 
-    @torch.inference_mode()
     def adapters_for_prototype(self, prototype: np.ndarray) -> AdapterSet:
-        """H(C([k; e_m])) for every decoder layer: a task's adapters from its prototype."""
-        cond = torch.as_tensor(np.asarray(prototype, dtype=np.float32), device=self.model.device).view(1, -1)
-        return AdapterSet([w for w in self.model.adapters_from_condition(cond)])
+        return prototype_adapters(self.model, prototype)
 
     def _gather(self, encoded: Encoded, adapter_sets: list[AdapterSet]) -> list[AdapterWeights]:
         """Per-example adapter weights of a batch (the same set object may repeat: it is gathered once)."""

@@ -1,4 +1,4 @@
-"""Task metrics on generated label words, numpy only.
+"""Task metrics on generated label words (scikit-learn and SciPy compute them).
 
 All metrics are fractions in [0, 1] ([-1, 1] for correlations), never percentages: multiply by 100 only when
 printing a table. An output that is not a valid label counts as wrong (pha-method.md section 5):
@@ -15,8 +15,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
+from scipy import stats
+from sklearn import metrics as sklearn_metrics
 
 from pha_core.tasks import get_task
 
@@ -38,53 +41,33 @@ def accuracy(predictions: Sequence[object], targets: Sequence[object]) -> float:
 
 
 def f1(predictions: Sequence[int], targets: Sequence[int], positive: int = 1) -> float:
-    """Binary F1 of the ``positive`` class; 0.0 when there is no positive in either (as sklearn)."""
+    """Binary F1 of the ``positive`` class; 0.0 when there is no positive in either."""
     pred, gold = _arrays(predictions, targets)
-    tp = int(np.sum((pred == positive) & (gold == positive)))
-    fp = int(np.sum((pred == positive) & (gold != positive)))
-    fn = int(np.sum((pred != positive) & (gold == positive)))
-    denominator = 2 * tp + fp + fn
-    return 2 * tp / denominator if denominator else 0.0
+    # labels=[positive] scores that class alone, whatever other labels (or none) the arrays hold.
+    return float(sklearn_metrics.f1_score(gold, pred, labels=[positive], average="macro", zero_division=0.0))
 
 
 def matthews_corrcoef(predictions: Sequence[object], targets: Sequence[object]) -> float:
-    """Matthews correlation, multi-class form (Gorodkin's R_K, as sklearn); 0.0 when undefined."""
+    """Matthews correlation, multi-class form (Gorodkin's R_K); 0.0 when undefined (one class on a side)."""
     pred, gold = _arrays(predictions, targets)
-    classes, inverse = np.unique(np.concatenate([gold, pred]), return_inverse=True)
-    gold_idx, pred_idx = inverse[: len(gold)], inverse[len(gold) :]
-    confusion = np.zeros((len(classes), len(classes)), dtype=np.float64)
-    np.add.at(confusion, (gold_idx, pred_idx), 1.0)
-    true_counts, pred_counts = confusion.sum(axis=1), confusion.sum(axis=0)
-    correct, total = np.trace(confusion), confusion.sum()
-    covariance = correct * total - true_counts @ pred_counts
-    denominator = math.sqrt((total**2 - pred_counts @ pred_counts) * (total**2 - true_counts @ true_counts))
-    return float(covariance / denominator) if denominator else 0.0
+    return float(sklearn_metrics.matthews_corrcoef(gold, pred))
+
+
+def _correlation(kind: Callable[..., Any], x: Sequence[float], y: Sequence[float]) -> float:
+    a, b = (arr.astype(np.float64) for arr in _arrays(x, y))
+    if np.ptp(a) == 0 or np.ptp(b) == 0:  # undefined (scipy gives nan): a constant predictor correlates with nothing
+        return 0.0
+    return float(kind(a, b).statistic)
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation; 0.0 when either side is constant (the formula would give nan)."""
-    a, b = (arr.astype(np.float64) for arr in _arrays(x, y))
-    a, b = a - a.mean(), b - b.mean()
-    denominator = math.sqrt(float(a @ a) * float(b @ b))
-    return float(a @ b / denominator) if denominator else 0.0
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties sharing their mean rank (scipy.stats.rankdata's "average")."""
-    order = np.argsort(values, kind="mergesort")
-    sorted_values = values[order]
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    ends = np.r_[starts[1:], len(values)]
-    mean_rank = (starts + ends + 1) / 2.0  # ranks starts+1 .. ends, averaged
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = np.repeat(mean_rank, ends - starts)
-    return ranks
+    """Pearson correlation; 0.0 when either side is constant."""
+    return _correlation(stats.pearsonr, x, y)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman correlation: Pearson of the average ranks; 0.0 when either side is constant."""
-    a, b = (arr.astype(np.float64) for arr in _arrays(x, y))
-    return pearson(_average_ranks(a), _average_ranks(b))
+    """Spearman correlation (ties share their mean rank); 0.0 when either side is constant."""
+    return _correlation(stats.spearmanr, x, y)
 
 
 def parse_score(text: str) -> float:

@@ -8,8 +8,8 @@
     loss = CE(y) + lam * (L_IR(z) + L_Pro(z, k))          (losses.py)
 
 Every example of a batch carries its own task, so one batch mixes tasks: generated weights are gathered per
-example and applied with batched matmuls (adapters.py). The ablations and baselines of `PHAConfig.variant`
-change only where the adapter weights come from and which losses run.
+example and applied with batched matmuls (adapters.py). The ablations and baselines (variants.py) change only
+which parts exist, where the adapter weights come from and which losses run; the model reads them once, here.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class PHAModel(nn.Module):
         if not config.tasks:
             raise ValueError("a PHA model needs at least one task (config.tasks is empty)")
         self.config = config
+        method = self.method = config.method
         self.backbone = backbone if backbone is not None else build_backbone(config.backbone)
         self.backbone.set_trainable(config.backbone.decoder_trainable)
         d, b, p = self.backbone.d_model, config.bottleneck, config.proto_dim
@@ -56,26 +57,25 @@ class PHAModel(nn.Module):
         # What the decoder reads besides the token states: the fields' pooled embeddings (source.py).
         self.field_tokens = FieldTokens(d) if config.by_field else None
         # Task-shared encoder adapters (Hyperformer generates them per task instead).
-        self.encoder_adapters = (
-            None if config.variant == "hyperformer" else nn.ModuleList(Adapter(d, b) for _ in enc_sites)
-        )
+        shared_encoder = method.encoder_adapters == "shared"
+        self.encoder_adapters = nn.ModuleList(Adapter(d, b) for _ in enc_sites) if shared_encoder else None
         # Instance-dense retriever G.
-        self.retriever = InstanceDenseRetriever(d, config.retriever_hidden, p) if config.uses_retriever else None
+        self.retriever = InstanceDenseRetriever(d, config.retriever_hidden, p) if method.retriever else None
         # Task prototypes k_i: trainable rows, NOT running means of z.
-        self.prototypes = nn.Embedding(n_tasks, p) if config.variant in ("pha", "no_retriever", "hyperformer") else None
+        self.prototypes = nn.Embedding(n_tasks, p) if method.prototypes else None
         if self.prototypes is not None:
             nn.init.normal_(self.prototypes.weight)
-        # Where decoder (and, for Hyperformer, encoder) adapter weights come from.
-        n_generated = self.n_decoder_layers + (self.n_encoder_layers if config.variant == "hyperformer" else 0)
+        # The hypernetwork H(C(.)) makes the decoder adapters (and, for Hyperformer, the encoder's too).
+        n_generated = self.n_decoder_layers + (0 if shared_encoder else self.n_encoder_layers)
         self.generator = (
             None
-            if config.variant == "adapter"
+            if method.decoder_source == "table"
             else AdapterGenerator(
                 n_generated, p, config.project_hidden, config.hyper_dim, d, b, config.hyper_up_init_scale
             )
         )
         self.task_adapters = (
-            TaskAdapterTable(n_tasks, self.n_decoder_layers, d, b) if config.variant == "adapter" else None
+            TaskAdapterTable(n_tasks, self.n_decoder_layers, d, b) if method.decoder_source == "table" else None
         )
         self._insert_adapters(enc_sites, dec_sites)
 
@@ -115,9 +115,9 @@ class PHAModel(nn.Module):
         """What the decoder reads, (memory [B, T, d], mask [B, T]): encoder states with the encoder adapters
         (per task only for the Hyperformer baseline), assembled per input as `config.encoding` says."""
         enc_weights = None
-        if self.config.variant == "hyperformer":
+        if self.method.encoder_adapters == "generated":
             if task_ids is None:
-                raise ValueError("the hyperformer variant needs the task of every input")
+                raise ValueError(f"the {self.method.name} variant needs the task of every input")
             enc_weights = [w.index_select(source.owner) for w in self._generated_weights(task_ids)]
             enc_weights = enc_weights[: self.n_encoder_layers]
         with self.encoder_context.use(enc_weights):
@@ -159,9 +159,9 @@ class PHAModel(nn.Module):
         self, task_ids: torch.Tensor | None = None, z: torch.Tensor | None = None
     ) -> list[AdapterWeights]:
         """Per-example decoder adapter weights, from wherever this variant takes them."""
-        if self.config.variant == "adapter":
+        if self.method.decoder_source == "table":
             return self.task_adapters(task_ids)
-        if self.config.variant == "no_prototype":
+        if self.method.decoder_source == "instance":
             return self.adapters_from_condition(z)
         return self._generated_weights(task_ids)[-self.n_decoder_layers :]
 
@@ -196,7 +196,7 @@ class PHAModel(nn.Module):
         ir = instance_contrastive_loss(z, tasks, self.config.temperature) if z is not None else zero
         pro = (
             prototype_contrastive_loss(z, self.prototypes.weight, tasks, self.config.temperature)
-            if self.config.variant == "pha"
+            if self.method.prototype_loss
             else zero
         )
         return LossParts(ce + self.config.lam * (ir + pro), ce, ir, pro)

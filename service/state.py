@@ -111,7 +111,7 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
         engine=engine,
         catalog=catalog,
         index=index,
-        router=search_thread(settings.faiss_threads),
+        search_thread=search_thread(settings.faiss_threads),
         cache=cache,
         runner=runner,
         metrics=metrics,
@@ -203,5 +203,5 @@ async def close_state(state: AppState) -> None:
     await state.batcher.stop()
     state.registry.close()
     state.runner.shutdown()
-    state.pipeline.router.shutdown(wait=True)
+    state.pipeline.search_thread.shutdown(wait=True)
     await state.cache.close()

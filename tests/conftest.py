@@ -1,4 +1,4 @@
-"""Shared test fixtures: where the real data lies, and a real Redis connection.
+"""Shared test fixtures: where the real data lies, a real Redis connection, a private Redis, tiny checkpoints.
 
 Nothing here mocks a part: tests that need the GLUE files or Redis are skipped with a reason when those are
 absent on a developer's machine, and CI provides both (see .ci/run).
@@ -7,9 +7,13 @@ absent on a developer's machine, and CI provides both (see .ci/run).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.redis_server import PrivateRedis, needs_redis_server
+from tests.support.tiny import save_tiny_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -43,48 +47,21 @@ def redis_url() -> str:
     return url
 
 
-def tiny_serving_config(variant: str = "pha"):
-    """A tiny random PHA model (seconds to build): the serving tests' model."""
-    from pha_core.config import BackboneConfig, PHAConfig
-
-    backbone = BackboneConfig(
-        kind="minilm",
-        random_init=True,
-        decoder_layers=1,
-        overrides=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-    )
-    return PHAConfig(
-        backbone=backbone,
-        tasks=["sst2", "rte", "mnli"],
-        variant=variant,
-        bottleneck=8,
-        proto_dim=16,
-        retriever_hidden=16,
-        project_hidden=16,
-        hyper_dim=8,
-    )
-
-
-def _save_tiny(path: Path, variant: str = "pha") -> Path:
-    import torch
-
-    from pha_core.checkpoint import save_checkpoint
-    from pha_core.model import PHAModel
-
-    # A fixed seed makes the checkpoint (and so its model version and cache keys) the same on every run.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1234)
-        model = PHAModel(tiny_serving_config(variant))
-    return save_checkpoint(model, path)
-
-
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny PHA checkpoint with tasks sst2, rte, mnli (proto_dim 16)."""
-    return _save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny")
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_no_retriever_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same tiny model as the `no_retriever` variant: it cannot route, tasks must be named."""
-    return _save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-no-retriever", variant="no_retriever")
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-no-retriever", variant="no_retriever")
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A redis-server of this test alone (no AOF): it may be stopped and restarted without touching the shared one."""
+    needs_redis_server()
+    with PrivateRedis(tmp_path / "redis", appendonly=False) as server:
+        yield server

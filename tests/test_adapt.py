@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from tiny import tiny_config
 
 from pha_core.adapt import adapt_task, adapted_adapters, choose_source, score_adapted
 from pha_core.model import PHAModel
 from pha_core.tasks import Example
+from tests.support.tiny import tiny_config
 
 SHOTS = [
     Example("premise: the dog barks. hypothesis: an animal makes noise.", "entailment", "cb"),

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from tiny import tiny_config
 
 from pha_core.adapters import AdapterWeights, batched_adapter
 from pha_core.backbones import build_backbone
 from pha_core.model import PHAModel
+from tests.support.tiny import tiny_config
 
 
 def _source(model):

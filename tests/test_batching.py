@@ -8,7 +8,7 @@ import torch
 from pha_core.batching import collate, collate_buckets, length_buckets
 from pha_core.model import PHAModel
 from pha_core.tasks import Example
-from tests.tiny import tiny_config
+from tests.support.tiny import tiny_config
 
 
 def test_buckets_cover_every_row_once_within_budget():

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import yaml
-from tiny import SMALL_DIMS, TINY_BERT
 
-from pha_core.cli import main
+from pha_cli import main
+from tests.support.tiny import SMALL_DIMS, TINY_BERT
 
 TINY_YAML = {
     "model": {
@@ -172,7 +172,7 @@ def test_training_runs_under_torchrun_ddp(tmp_path, tiny_yaml, data_dir):
         "--master_port",
         str(port),
         "-m",
-        "pha_core.cli",
+        "pha_cli",
         "train",
         "--config",
         str(tiny_yaml),
@@ -192,3 +192,58 @@ def test_training_runs_under_torchrun_ddp(tmp_path, tiny_yaml, data_dir):
     assert done.stdout.count("hypernetwork H") == 1  # only rank 0 reports
     meta = json.loads((out / "config.json").read_text())
     assert meta["recipe"]["steps_done"] == 3
+
+
+def test_recipe_fields_are_the_options_of_train():
+    """Each documented field of the recipe dataclasses is a `pha train` option of its type; lists take several
+    values after one flag."""
+    import dataclasses
+
+    from pha_cli import parse
+    from pha_core.config import BackboneConfig, PHAConfig
+    from pha_core.train import TrainConfig
+
+    command, params = parse(
+        ["train", "--steps", "5", "--tasks", "sst2", "rte", "--backbone-kind", "t5", "--lam", "0.5"]
+    )
+    assert command == "train"
+    assert params["steps"] == 5 and params["tasks"] == ["sst2", "rte"]
+    assert params["backbone_kind"] == "t5" and params["lam"] == 0.5
+    assert params["bottleneck"] is None  # not typed: the config file's value (or the default) stands
+    documented = [
+        (f.metadata.get("flag") or f.name).replace("-", "_")
+        for cls in (TrainConfig, PHAConfig, BackboneConfig)
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("doc")
+    ]
+    assert len(documented) > 30 and set(documented) <= set(params)
+
+
+def test_a_value_outside_the_choices_is_a_usage_error(capsys):
+    assert main(["train", "--precision", "fp8"]) == 2
+    assert "fp8" in capsys.readouterr().err
+
+
+def test_serve_without_the_serving_extra_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "pha serve: error: fastapi is not installed; install the extra: pip install 'pha-serve[serve]'"
+
+
+def test_the_method_package_imports_nothing_above_it():
+    """pha_core knows nothing of HTTP, Redis or the command line (the service and the CLI import it, not back)."""
+    import ast
+    from pathlib import Path
+
+    import pha_core
+
+    for path in Path(pha_core.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            assert not [n for n in names if n.split(".")[0] in ("service", "pha_cli")], f"{path.name} imports {names}"

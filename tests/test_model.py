@@ -1,17 +1,19 @@
 """The PHA model end to end on tiny random backbones: variants, mixed-task batches, checkpoints."""
 
 import json
+from typing import get_args
 
 import pytest
 import torch
-from tiny import tiny_config
 
 from pha_core.batching import collate
 from pha_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pha_core.config import VARIANTS
+from pha_core.config import VariantName
 from pha_core.evaluate import predict_examples
 from pha_core.model import PHAModel
 from pha_core.tasks import Example
+from pha_core.variants import VARIANTS
+from tests.support.tiny import tiny_config
 
 EXAMPLES = [
     Example("sentence: a gripping, funny film", "positive", "sst2"),
@@ -33,6 +35,10 @@ def _trained(cfg, steps=3, seed=0):
         opt.step()
         opt.zero_grad()
     return model.eval()
+
+
+def test_the_command_line_choices_are_the_variants():
+    assert set(get_args(VariantName)) == set(VARIANTS)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from tiny import tiny_config
 
 from pha_core.model import PHAModel
 from pha_core.retriever import masked_mean, retrieve
+from tests.support.tiny import tiny_config
 
 
 def test_retrieve_picks_the_nearest_prototype_by_cosine():

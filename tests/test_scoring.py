@@ -10,7 +10,7 @@ from pha_core.evaluate import predict_examples
 from pha_core.model import PHAModel
 from pha_core.scoring import STSB_BINS, AnswerSpace, answer, candidate_ids, label_log_likelihoods, rank
 from pha_core.tasks import Example
-from tests.tiny import tiny_config
+from tests.support.tiny import tiny_config
 
 EXAMPLES = [
     Example("sentence: a fine film", "positive", "sst2"),

@@ -8,7 +8,7 @@ from pha_core.model import PHAModel
 from pha_core.retriever import masked_mean
 from pha_core.source import MAX_FIELDS, TOKEN_NORM, encode_by_length, make_source, split_fields
 from pha_core.tasks import TASKS
-from tests.tiny import tiny_config
+from tests.support.tiny import tiny_config
 
 
 def test_a_formatted_row_splits_into_its_template_fields():

@@ -18,11 +18,11 @@ tar xzf "$park/data.tgz" -C /tmp/data
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PHA_DATA_DIR=/tmp/data PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
 start=$(date +%s)
-python3 -m pha_core.cli train --config pha_core/configs/demo.yaml --output "$OUT/demo" --device cuda --no-eval 2>&1 \
+python3 -m pha_cli train --config pha_core/configs/demo.yaml --output "$OUT/demo" --device cuda --no-eval 2>&1 \
   | tr '\r' '\n' | grep -v "it/s\]" | grep -v "s/it\]" | tail -n 40
 echo "demo train seconds: $(( $(date +%s) - start ))"
 rm -f "$OUT/demo/trainer_state.pt"
-python3 -m pha_core.cli eval "$OUT/demo" --split test --max-eval 500 --device cuda --output "$OUT/demo_test.json" 2>&1 | tail -n 12
+python3 -m pha_cli eval "$OUT/demo" --split test --max-eval 500 --device cuda --output "$OUT/demo_test.json" 2>&1 | tail -n 12
 left=$(( ${QUALITY_BUDGET:-200} ))
 python3 bench/quality.py --n-train 100 --steps 300 --seeds 0 1 2 --device cuda --deadline "$left" \
   --output "$OUT/quality_100.json" 2>&1 | grep -v Warning | tail -n 25

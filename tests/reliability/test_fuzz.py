@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 
-import fuzz
 import pytest
-from reliability_helpers import needs_redis_server, scale
+from reliability_helpers import scale
+
+from bench import fuzz
+from tests.support.redis_server import needs_redis_server
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 
-import load
 import pytest
 from reliability_helpers import scale
+
+from bench import load
 
 pytestmark = pytest.mark.slow
 LIMIT = 4

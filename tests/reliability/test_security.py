@@ -18,20 +18,14 @@ from pathlib import Path
 
 import pytest
 import redis
-from procs import ApiServer, PrivateRedis, WorkerProcess, wait_job
-from reliability_helpers import (
-    AUTH,
-    KEY,
-    adapt_body,
-    needs_redis_server,
-    register_task,
-    stream_state,
-    tree_digest,
-    wait_for,
-)
-from service_helpers import metric, running_app
+from reliability_helpers import AUTH, KEY, adapt_body, register_task, stream_state, tree_digest
 
 from pha_core.inference import AdapterSet
+from tests.support.app import metric, running_app
+from tests.support.jobs import wait_job
+from tests.support.polling import wait_for
+from tests.support.processes import ApiServer, WorkerProcess
+from tests.support.redis_server import PrivateRedis, needs_redis_server
 
 pytestmark = pytest.mark.redis
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,13 +40,6 @@ class Tripwire:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
-
-
-@pytest.fixture
-def private_redis(tmp_path):
-    needs_redis_server()
-    with PrivateRedis(tmp_path / "redis", appendonly=False) as server:
-        yield server
 
 
 def settings_for(tmp_path: Path, redis_url: str, **extra: object) -> dict:

@@ -1,12 +1,10 @@
-"""Fixtures of the service tests (helpers live in service_helpers.py)."""
+"""Fixtures of the service tests (helpers live in tests/support/; `private_redis` in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
-
 import pytest
-from service_helpers import PrivateRedis, running_app
+
+from tests.support.app import running_app
 
 
 @pytest.fixture(scope="module")
@@ -14,15 +12,3 @@ def tiny_client(tiny_checkpoint, redis_url):
     """The HTTP app on the tiny checkpoint (tasks sst2, rte, mnli) with the test Redis, one per module."""
     with running_app(tiny_checkpoint, redis_url=redis_url) as client:
         yield client
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server binary not installed")
-    server = PrivateRedis()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from service_helpers import metric, predictions, running_app
 
 from pha_core.calibration import LEVELS, RouteCalibration, Spread
+from tests.support.app import metric, predictions, running_app
 
 RTE = "sentence1: The cat sat on the mat. sentence2: A cat is sitting."
 SST2 = "sentence: a gripping and beautiful film"

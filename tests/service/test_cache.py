@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 import redis
-from service_helpers import metric, running_app
 
 from pha_core.inference import AdapterSet
+from tests.support.app import metric, running_app
 
 pytestmark = pytest.mark.redis
 TEXT = "sentence1: The cat sat on the mat. sentence2: A cat is sitting."

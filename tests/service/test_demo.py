@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from service_helpers import running_app
+
+from tests.support.app import running_app
 
 pytestmark = pytest.mark.pretrained
 

@@ -6,7 +6,9 @@ import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from service_helpers import free_port, running_app
+
+from tests.support.app import running_app
+from tests.support.ports import free_port
 
 EXPECTED_METRICS = {
     "pha_request_duration_seconds",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from service_helpers import running_app
+
+from tests.support.app import running_app
 
 KEY = "import-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

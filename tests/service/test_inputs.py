@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from service_helpers import predictions
+
+from tests.support.app import predictions
 
 RTE = "sentence1: The cat sat on the mat. sentence2: A cat is sitting."
 MNLI = {"premise": "A man plays a guitar on stage.", "hypothesis": "A person makes music."}

@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
-from service_helpers import metric, model_thread_busy, running_app, wait_for_metric
+
+from tests.support.app import metric, model_thread_busy, running_app, wait_for_metric
 
 GOOD = {"inputs": "sentence: a fine film", "task": "sst2"}
 LIMITS = dict(max_body_bytes=4096, max_texts=4, max_input_tokens=16, max_new_tokens=8)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from service_helpers import metric, model_thread_busy, running_app, wait_for_metric
+
+from tests.support.app import metric, model_thread_busy, running_app, wait_for_metric
 
 SST2 = "sentence: a gripping and beautiful film"
 RTE = "sentence1: The cat sat on the mat. sentence2: A cat is sitting."

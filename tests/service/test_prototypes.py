@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from service_helpers import running_app
 
 from pha_core.tasks import TASKS
+from tests.support.app import running_app
 
 
 @pytest.fixture(scope="module")

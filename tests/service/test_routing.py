@@ -6,10 +6,10 @@ import threading
 
 import numpy as np
 import pytest
-from service_helpers import running_app
 
 from service.catalog import TaskCatalog, TaskEntry
 from service.routing import PrototypeIndex
+from tests.support.app import running_app
 
 DIM = 8
 

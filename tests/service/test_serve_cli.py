@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import time
 
 import httpx
 import pytest
-from service_helpers import free_port
 
 from service.loader import demo_checkpoint
+from tests.support.ports import free_port
+from tests.support.processes import HttpServer, environ_without_pha
 
 pytestmark = pytest.mark.pretrained
 START_TIMEOUT_S = 180
@@ -23,22 +20,11 @@ def test_pha_serve_without_settings_answers_predict(tmp_path):
     if pha is None:
         pytest.skip("the `pha` command is not installed (pip install -e .)")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PHA_")}
     log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([pha, "serve", "--port", str(port)], env=env, stdout=log, stderr=log)
+    cmd = [pha, "serve", "--port", str(port)]
+    server = HttpServer(cmd, environ_without_pha(), log_path, port, name="pha serve").start(START_TIMEOUT_S)
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"pha serve exited:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"pha serve not ready:\n{log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        base = server.base
         response = httpx.post(f"{base}/predict", json={"inputs": "sentence: a fine film"}, timeout=60)
         assert response.status_code == 200, response.text
         (prediction,) = response.json()["predictions"]
@@ -49,9 +35,4 @@ def test_pha_serve_without_settings_answers_predict(tmp_path):
             assert ready["model_source"] == "untrained-default"
             assert "UNTRAINED" in log_path.read_text()
     finally:
-        process.send_signal(signal.SIGTERM)  # our own child, by its pid
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()  # SIGTERM, then SIGKILL after 30 s

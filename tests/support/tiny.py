@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pha_core.config import BackboneConfig, PHAConfig
 
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -28,3 +30,17 @@ def tiny_config(kind: str = "minilm", tasks: list[str] | None = None, **kwargs) 
     else:
         backbone = BackboneConfig(kind="minilm", random_init=True, decoder_layers=1, overrides=TINY_BERT)
     return PHAConfig(backbone=backbone, tasks=tasks or ["sst2", "rte", "mnli"], **{**SMALL_DIMS, **kwargs})
+
+
+def save_tiny_checkpoint(path: Path, variant: str = "pha") -> Path:
+    """A saved tiny PHA checkpoint with tasks sst2, rte, mnli (proto_dim 16): the serving tests' model."""
+    import torch
+
+    from pha_core.checkpoint import save_checkpoint
+    from pha_core.model import PHAModel
+
+    # A fixed seed makes the checkpoint (and so its model version and cache keys) the same on every run.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        model = PHAModel(tiny_config(variant=variant))
+    return save_checkpoint(model, path)

@@ -1,4 +1,4 @@
-"""Readers for the deployment files, shared by the deployment tests and bench/compose_local.py.
+"""Readers for the deployment files, shared by tests/deploy/ and bench/compose_local.py.
 
 - a tiny kustomize renderer (resources, namespace, labels, images, JSON 6902 patches: what k8s/ uses), checked
   against `kubectl kustomize` where kubectl exists;

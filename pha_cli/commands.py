@@ -1,0 +1,172 @@
+"""What each `pha` verb does, given its parsed options (app.py wires them to the command line).
+
+The verbs that train or read models live here; `serve` and `worker` are in app.py because they only hand over
+to the service package. Heavy imports (torch, transformers) happen inside the verbs, so `pha --help` is quick.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pha_core.config import BackboneConfig, PHAConfig
+
+from .options import given
+
+
+def load_yaml(path: str | None) -> dict[str, Any]:
+    """A recipe file: a mapping with sections `model:` and/or `train:`."""
+    if not path:
+        return {}
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"pha: config file {path} not found")
+    data = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(data, dict) or set(data) - {"model", "train"}:
+        raise SystemExit(f"pha: {path} must be a mapping with sections 'model' and/or 'train'")
+    return data
+
+
+def model_config(values: dict[str, Any], base: dict[str, Any]) -> PHAConfig:
+    """The file's `model:` section with the model flags the user typed on top."""
+    data = dict(base)
+    backbone = {**(data.pop("backbone", {}) or {}), **given(BackboneConfig, values)}
+    return PHAConfig(backbone=BackboneConfig(**backbone), **{**data, **given(PHAConfig, values)})
+
+
+def train(values: dict[str, Any]) -> None:
+    from pha_core.calibration import calibrate
+    from pha_core.evaluate import evaluate, format_table
+    from pha_core.params import format_report
+    from pha_core.train import TrainConfig, Trainer, loss_trend
+
+    recipe = load_yaml(values["config"])
+    tcfg = TrainConfig(**{**recipe.get("train", {}), **given(TrainConfig, values)})
+    trainer = Trainer(tcfg, model_config(values, recipe.get("model", {})), resume=values["resume"])
+    if trainer.dist.is_main:
+        print(format_report(trainer.model), flush=True)
+
+    def eval_fn(model, split):
+        return evaluate(model, {t: s[split] for t, s in trainer.splits.items()})
+
+    result = trainer.run(eval_fn)
+    if not trainer.dist.is_main:
+        return
+    for key in ("ce", "ir", "pro"):
+        first, last = loss_trend(result["history"], key)
+        print(f"{key}: {first:.4f} (first quarter) -> {last:.4f} (last quarter)")
+    print(f"checkpoint written to {tcfg.output} ({result['train_seconds']:.0f} s)")
+    held_out = {t: s["validation"] for t, s in trainer.splits.items()}
+    if trainer.model.config.routes_by_prototype:
+        path = calibrate(trainer.model, held_out).save(tcfg.output)
+        print(f"route calibration (validation rows) written to {path}")
+    if not values["no_eval"]:
+        print("validation:\n" + format_table(evaluate(trainer.model, held_out)))
+
+
+def pretrain(values: dict[str, Any]) -> None:
+    from pha_core.pretrain import DECODER_FILE, PretrainConfig, Pretrainer
+
+    cfg = PretrainConfig(**given(PretrainConfig, values))
+    trainer = Pretrainer(cfg, resume=values["resume"])
+    print(
+        f"pha pretrain: {len(trainer.rows)} training texts, step {trainer.step}/{cfg.steps}, "
+        f"batch {cfg.batch_size}, precision {trainer.precision}, device {trainer.device}",
+        flush=True,
+    )
+    result = trainer.run()
+    history = result["history"]
+    if history:
+        print(f"loss {history[0]['loss']:.3f} (first log) -> {history[-1]['loss']:.3f} (last log)")
+    print(f"decoder written to {Path(cfg.output) / DECODER_FILE} ({result['seconds']:.0f} s this run)")
+
+
+def _held_out(checkpoint: str, tasks: list[str], data_dir: str | None, rows: int):
+    """The validation and test rows a checkpoint's recipe split off, `rows` per task."""
+    from pha_core.train import TrainConfig, load_data, recipe_of
+
+    recipe = recipe_of(checkpoint)
+    tcfg = TrainConfig(
+        tasks=tasks,
+        data_dir=data_dir or recipe.get("data_dir"),
+        n_train=1,
+        split_seed=recipe.get("split_seed", 42),
+        max_eval=rows,
+    )
+    return load_data(tcfg), tcfg.split_seed
+
+
+def evaluate(values: dict[str, Any]) -> None:
+    import torch
+
+    from pha_core.checkpoint import load_checkpoint
+    from pha_core.evaluate import evaluate, format_table
+    from pha_core.files import write_atomic
+    from pha_core.runtime import resolve_device
+
+    if values["threads"]:
+        torch.set_num_threads(values["threads"])
+    model = load_checkpoint(values["checkpoint"], device=resolve_device(values["device"]))
+    tasks = values["tasks"] or model.tasks
+    unknown = sorted(set(tasks) - set(model.tasks))
+    if unknown:
+        raise SystemExit(f"pha: the checkpoint has no task(s) {unknown}; it knows {model.tasks}")
+    splits, split_seed = _held_out(values["checkpoint"], tasks, values["data_dir"], values["max_eval"])
+    rows = {t: s[values["split"]] for t, s in splits.items()}
+    report = evaluate(model, rows, batch_size=values["batch_size"], decoding=values["decoding"])
+    report.update(
+        checkpoint=Path(values["checkpoint"]).name,
+        split=values["split"],
+        max_eval=values["max_eval"],
+        split_seed=split_seed,
+        decoding=values["decoding"],
+    )
+    print(format_table(report))
+    if values["output"]:
+        out = Path(values["output"])
+        write_atomic(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+        print(f"written to {out}")
+
+
+def calibrate(values: dict[str, Any]) -> None:
+    from pha_core.calibration import calibrate
+    from pha_core.checkpoint import load_checkpoint
+
+    model = load_checkpoint(values["checkpoint"])
+    splits, _ = _held_out(values["checkpoint"], model.tasks, values["data_dir"], values["max_rows"])
+    calibration = calibrate(model, {t: s["validation"] for t, s in splits.items()})
+    path = calibration.save(values["checkpoint"])
+    spreads = ", ".join(f"{t} {s.center:.3f}+-{s.scale:.3f}" for t, s in calibration.spreads.items())
+    print(f"{calibration.rows} validation rows; cosine to own key (median+-IQR): {spreads}")
+    print(f"confidence = sigmoid({calibration.intercept:.3f} + {calibration.slope:.3f} * margin)")
+    print(f"written to {path}")
+
+
+def params(values: dict[str, Any]) -> None:
+    from pha_core.params import format_report
+
+    if values["checkpoint"]:
+        from pha_core.checkpoint import load_checkpoint
+
+        model = load_checkpoint(values["checkpoint"])
+    else:
+        from pha_core.model import PHAModel
+        from pha_core.tasks import GLUE_TASKS
+
+        recipe = load_yaml(values["config"])
+        mcfg = model_config(values, recipe.get("model", {}))
+        mcfg.tasks = values["tasks"] or recipe.get("train", {}).get("tasks") or list(GLUE_TASKS)
+        model = PHAModel(mcfg)
+    print(format_report(model))
+
+
+def report(values: dict[str, Any]) -> None:
+    from pha_core.report import make_report
+
+    for path in make_report(
+        values["checkpoint"], Path(values["output"]), max_eval=values["max_eval"], data_dir=values["data_dir"]
+    ):
+        print(f"written {path}")
