@@ -150,9 +150,9 @@ def replica(kind: str, where: str, n: int, z_path: Path) -> dict:
     from service.adaptation import RegistrySync
     from service.catalog import TaskCatalog, trained_entries
     from service.loader import load_model
-    from service.metrics import Metrics
     from service.routing import PrototypeIndex, search_thread
     from service.settings import Settings
+    from service.telemetry import Metrics
 
     t0 = time.perf_counter()
     loaded = load_model(Settings())  # the bundled demo

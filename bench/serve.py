@@ -85,6 +85,8 @@ def server(args: argparse.Namespace, log_path: Path) -> HttpServer:
         PHA_LOG_LEVEL="WARNING",
         # Every input answered, so PHA and the backbone do the same work (no input abstains as fitting no task).
         PHA_MIN_ROUTE_TYPICALITY="0",
+        # The content check still runs (its encoder pass is part of a routed request's cost) unless turned off.
+        PHA_CONTENT_CHECK=str(args.content_check).lower(),
     )
     if args.threads:
         env["PHA_TORCH_THREADS"] = str(args.threads)
@@ -402,7 +404,7 @@ async def cache_tiers(args: argparse.Namespace, engine, prototype: np.ndarray, r
     from pha_core.inference import AdapterSet
     from service.cache import AdapterCache, RedisTier, adapter_key
     from service.catalog import TaskEntry
-    from service.metrics import Metrics
+    from service.telemetry import Metrics
 
     metrics = Metrics()
     entry = TaskEntry(name="bench", source="adapted", vector=prototype)
@@ -474,6 +476,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=64,
         help="real test rows per task as the traffic (from $PHA_DATA_DIR; 0: the made-up sentences)",
+    )
+    p.add_argument(
+        "--no-content-check",
+        dest="content_check",
+        action="store_false",
+        help="server PHA_CONTENT_CHECK=false (routed inputs skip the content check's encoder pass)",
     )
     p.add_argument("--quick", action="store_true", help="short cells (4 s) and fewer timing repeats")
     p.add_argument("--output", help="write every number as JSON here")

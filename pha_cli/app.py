@@ -19,6 +19,7 @@ from pha_core.pretrain import PretrainConfig
 from pha_core.train import TrainConfig
 
 from . import commands
+from .errors import UserError
 from .options import knobs
 
 app = typer.Typer(
@@ -153,10 +154,6 @@ def worker(once: Annotated[bool, typer.Option("--once", help="process at most on
     from service.worker import run_worker
 
     _exit(run_worker(once=once))
-
-
-class UserError(Exception):
-    """A problem the user can fix, said in one line."""
 
 
 def _needs_extra(module: str, extra: str) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from pha_core.config import BackboneConfig, PHAConfig
 
+from .errors import UserError
 from .options import given
 
 
@@ -23,10 +24,10 @@ def load_yaml(path: str | None) -> dict[str, Any]:
 
     file = Path(path)
     if not file.is_file():
-        raise SystemExit(f"pha: config file {path} not found")
+        raise UserError(f"config file {path} not found")
     data = yaml.safe_load(file.read_text()) or {}
     if not isinstance(data, dict) or set(data) - {"model", "train"}:
-        raise SystemExit(f"pha: {path} must be a mapping with sections 'model' and/or 'train'")
+        raise UserError(f"{path} must be a mapping with sections 'model' and/or 'train'")
     return data
 
 
@@ -63,6 +64,8 @@ def train(values: dict[str, Any]) -> None:
     if trainer.model.config.routes_by_prototype:
         path = calibrate(trainer.model, held_out).save(tcfg.output)
         print(f"route calibration (validation rows) written to {path}")
+        path = fit_content(trainer.model, trainer.splits).save(tcfg.output)
+        print(f"content bank (training rows, validation rows) written to {path}")
     if not values["no_eval"]:
         print("validation:\n" + format_table(evaluate(trainer.model, held_out)))
 
@@ -84,15 +87,27 @@ def pretrain(values: dict[str, Any]) -> None:
     print(f"decoder written to {Path(cfg.output) / DECODER_FILE} ({result['seconds']:.0f} s this run)")
 
 
-def _held_out(checkpoint: str, tasks: list[str], data_dir: str | None, rows: int):
-    """The validation and test rows a checkpoint's recipe split off, `rows` per task."""
+def fit_content(model, splits: dict[str, dict[str, list]]):
+    """The content bank of a model's tasks: training texts in the bank, validation texts for its quantiles."""
+    from pha_core.content import content_vectors, fit_content_bank
+
+    def texts(split: str) -> dict[str, list[str]]:
+        return {t: [e.input for e in s[split]] for t, s in splits.items()}
+
+    return fit_content_bank(lambda rows: content_vectors(model, rows), texts("train"), texts("validation"))
+
+
+def _held_out(checkpoint: str, tasks: list[str], data_dir: str | None, rows: int, n_train: int = 1):
+    """The validation and test rows a checkpoint's recipe split off, `rows` per task (and the first `n_train`
+    rows of its training sample)."""
     from pha_core.train import TrainConfig, load_data, recipe_of
 
     recipe = recipe_of(checkpoint)
     tcfg = TrainConfig(
         tasks=tasks,
         data_dir=data_dir or recipe.get("data_dir"),
-        n_train=1,
+        n_train=n_train,
+        seed=recipe.get("seed", 42),
         split_seed=recipe.get("split_seed", 42),
         max_eval=rows,
     )
@@ -113,7 +128,7 @@ def evaluate(values: dict[str, Any]) -> None:
     tasks = values["tasks"] or model.tasks
     unknown = sorted(set(tasks) - set(model.tasks))
     if unknown:
-        raise SystemExit(f"pha: the checkpoint has no task(s) {unknown}; it knows {model.tasks}")
+        raise UserError(f"the checkpoint has no task(s) {unknown}; it knows {model.tasks}")
     splits, split_seed = _held_out(values["checkpoint"], tasks, values["data_dir"], values["max_eval"])
     rows = {t: s[values["split"]] for t, s in splits.items()}
     report = evaluate(model, rows, batch_size=values["batch_size"], decoding=values["decoding"])
@@ -134,15 +149,17 @@ def evaluate(values: dict[str, Any]) -> None:
 def calibrate(values: dict[str, Any]) -> None:
     from pha_core.calibration import calibrate
     from pha_core.checkpoint import load_checkpoint
+    from pha_core.content import BANK_ROWS
 
     model = load_checkpoint(values["checkpoint"])
-    splits, _ = _held_out(values["checkpoint"], model.tasks, values["data_dir"], values["max_rows"])
+    splits, _ = _held_out(values["checkpoint"], model.tasks, values["data_dir"], values["max_rows"], BANK_ROWS)
     calibration = calibrate(model, {t: s["validation"] for t, s in splits.items()})
     path = calibration.save(values["checkpoint"])
+    bank = fit_content(model, splits).save(values["checkpoint"])
     spreads = ", ".join(f"{t} {s.center:.3f}+-{s.scale:.3f}" for t, s in calibration.spreads.items())
     print(f"{calibration.rows} validation rows; cosine to own key (median+-IQR): {spreads}")
     print(f"confidence = sigmoid({calibration.intercept:.3f} + {calibration.slope:.3f} * margin)")
-    print(f"written to {path}")
+    print(f"written to {path}; content bank ({BANK_ROWS} training rows a task) to {bank}")
 
 
 def params(values: dict[str, Any]) -> None:

@@ -30,8 +30,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .adapters import AdapterWeights
-from .batching import collate
 from .calibration import RouteCalibration, Spread
+from .collate import collate
 from .inference import AdapterSet, prototype_adapters
 from .losses import prototype_contrastive_loss, token_cross_entropy
 from .model import PHAModel

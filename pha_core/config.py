@@ -126,7 +126,7 @@ class PHAConfig:
     # hyperfan-in init, so a fresh model is (nearly) the backbone yet gradients reach the prototypes.
     hyper_up_init_scale: float = 1e-2
     # Source tokens read (paper: 128). 256: RTE, CB and BoolQ inputs are routinely longer than 128 (an RTE
-    # premise alone runs to ~250), and length buckets (batching.py) make the longer window cost only where used.
+    # premise alone runs to ~250), and length buckets (collate.py) make the longer window cost only where used.
     max_source_length: int = knob(256, doc="input tokens kept")
     max_target_length: int = 16
 

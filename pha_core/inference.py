@@ -19,6 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .adapters import AdapterWeights
+from .content import content_source, content_vectors
 from .model import PHAModel
 from .scoring import AnswerSpace, Scored, candidate_ids, rank
 
@@ -154,6 +155,12 @@ class Engine:
         if self.model.retriever is not None:
             z = self.model.instance_vectors(hidden, mask).float().cpu().numpy()
         return Encoded(hidden, mask, z)
+
+    def content_vectors(self, texts: list[str]) -> np.ndarray:
+        """Unit content vectors of `texts` (content.py: frozen encoder, markers stripped): the content check."""
+        with self._tokenizer_lock:
+            source = content_source(self.model, texts)
+        return content_vectors(self.model, texts, source)
 
     def adapters_for_prototype(self, prototype: np.ndarray) -> AdapterSet:
         return prototype_adapters(self.model, prototype)

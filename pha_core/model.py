@@ -21,7 +21,7 @@ from torch import nn
 
 from .adapters import WRAPPERS, Adapter, AdapterContext, AdapterSwitch, AdapterWeights, GeneratedAdapter
 from .backbones import Backbone, build_backbone
-from .batching import Batch
+from .collate import Batch
 from .config import PHAConfig
 from .hypernetwork import AdapterGenerator, TaskAdapterTable
 from .losses import (
@@ -122,7 +122,7 @@ class PHAModel(nn.Module):
             enc_weights = enc_weights[: self.n_encoder_layers]
         with self.encoder_context.use(enc_weights):
             # One call for per-row encoder adapters, and for joint training batches (length buckets already,
-            # batching.collate_buckets); fields, and inference batches that mix lengths (a serving batch mixes
+            # collate.collate_buckets); fields, and inference batches that mix lengths (a serving batch mixes
             # tasks: real GLUE rows of 10 to 250 tokens) go in length-sorted chunks that pad far less.
             if enc_weights is not None or (self.field_tokens is None and self.training):
                 hidden = self.backbone.encode(source.segment_ids, source.segment_mask)
@@ -169,7 +169,7 @@ class PHAModel(nn.Module):
     def forward(self, batch: Batch | Sequence[Batch]) -> LossParts:
         """Eq. 9 on one mixed-task batch, with the gold task feeding the hypernetwork.
 
-        The batch may come as length buckets (batching.collate_buckets): each bucket runs through encoder and
+        The batch may come as length buckets (collate.collate_buckets): each bucket runs through encoder and
         decoder on its own, then CE is averaged over every target token of the batch and both contrastive
         losses see all of its z at once, exactly as for the unbucketed batch.
         """

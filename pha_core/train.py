@@ -23,8 +23,8 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from . import runtime
-from .batching import collate_buckets
 from .checkpoint import TRAINER_FILE, load_checkpoint, read_meta, round_trainable, save_checkpoint
+from .collate import collate_buckets
 from .config import PHAConfig, knob
 from .data import ProportionalMixer, load_splits
 from .files import write_atomic
@@ -69,7 +69,7 @@ class TrainConfig:
     # float32; FrozenInLowPrecision), "fp32", or "auto": bf16 where the hardware multiplies bf16 natively (CUDA
     # with bf16, CPUs with AVX512-BF16/AMX), fp32 elsewhere. Measured in docs/results.md (bench/train_speed.py).
     precision: Literal["auto", "bf16", "fp32"] = knob("auto", doc="matmul precision (auto: bf16 where native)")
-    # Padded source tokens per length bucket of a batch (batching.collate_buckets); 0: one bucket per batch.
+    # Padded source tokens per length bucket of a batch (collate.collate_buckets); 0: one bucket per batch.
     # 4096 at batch 128 measured fastest on the GLUE mix (mean 40 tokens, max 256): 65.8 ex/s vs 61.0 for 2048.
     token_budget: int = knob(4096, doc="padded source tokens per length bucket (0: no buckets)")
 

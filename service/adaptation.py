@@ -27,10 +27,10 @@ from pha_core.adapt import AdaptedTensors
 from pha_core.calibration import Spread
 
 from .catalog import TaskCatalog, TaskEntry
-from .metrics import Metrics
 from .redis_client import connect_async
 from .redis_names import REGISTRY_CHANNEL
 from .registry import PAGE, Change, RegistryStore, all_changes
+from .telemetry import Metrics
 
 log = logging.getLogger("pha.adaptation")
 

@@ -21,9 +21,9 @@ from typing import Literal
 from pha_core.inference import AdapterSet
 
 from .catalog import TaskEntry
-from .metrics import Metrics
 from .redis_client import connect_async
 from .redis_names import ADAPTER_PREFIX
+from .telemetry import Metrics
 
 log = logging.getLogger("pha.cache")
 

@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from .errors import ServiceError
-from .metrics import Metrics
 from .state import AppState
+from .telemetry import Metrics
 
 
 def get_state(request: Request) -> AppState:

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ServiceError
-from .metrics import Metrics
 from .settings import Settings
+from .telemetry import Metrics
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from pha_core import runtime
 from pha_core.calibration import RouteCalibration
 from pha_core.checkpoint import CONFIG_FILE, load_checkpoint, read_meta
+from pha_core.content import ContentBank
 from pha_core.inference import Engine
 from pha_core.variants import VARIANTS
 
@@ -34,6 +35,7 @@ class LoadedModel:
     created: datetime  # when the checkpoint was written (load time for the untrained default)
     examples: int | None  # training examples per task, when the checkpoint's recipe says
     calibration: RouteCalibration | None = None  # fitted on held-out rows (`pha calibrate`); None: not fitted
+    content: ContentBank | None = None  # the trained tasks' content banks (`pha calibrate`); None: not fitted
 
 
 def demo_checkpoint() -> Path:
@@ -75,8 +77,14 @@ def _from_checkpoint(path: Path, source: str, device: str) -> LoadedModel:
             "the checkpoint has no route calibration: routed inputs are never turned away as fitting no task; "
             f"fit one with `pha calibrate {path}`"
         )
+    content = ContentBank.load(path)
+    if calibration is not None and content is None:
+        log.warning(
+            "the checkpoint has no content bank: inputs of no task's kind written in a task's template are judged "
+            f"by the route cosine alone; fit one with `pha calibrate {path}`"
+        )
     examples = n_train if isinstance(n_train, int) else None
-    return LoadedModel(Engine(model), source, created, examples, calibration)
+    return LoadedModel(Engine(model), source, created, examples, calibration, content)
 
 
 def _untrained(device: str) -> LoadedModel:

@@ -19,12 +19,12 @@ from fastapi import FastAPI
 from .errors import install_error_handlers
 from .loader import LoadedModel, load_model
 from .logging import annotate, configure_logging
-from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestContextMiddleware, route_matcher
 from .routers import adapt, health, predict, prototypes
 from .schemas import ErrorBody
 from .settings import Settings
 from .state import build_state, close_state, describe_runtime, warm_up
+from .telemetry import Metrics
 
 log = logging.getLogger("pha.main")
 

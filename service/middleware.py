@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_response
 from .logging import REQUEST_ID_HEADER, end_request, new_request_id, start_request
-from .metrics import Metrics
+from .telemetry import Metrics
 
 log = logging.getLogger("pha.access")
 _QUIET_PATHS = ("/livez", "/readyz", "/metrics")  # probes and scrapes: access lines at DEBUG only

@@ -20,14 +20,15 @@ from typing import TypeVar
 import numpy as np
 
 from pha_core.calibration import RouteCalibration
+from pha_core.content import ContentBank
 from pha_core.inference import AdapterSet, Engine
 
 from .batcher import ItemResult, ModelRunner, WorkItem
 from .cache import AdapterCache
 from .catalog import TaskCatalog, TaskEntry
 from .errors import ServiceError
-from .metrics import Metrics
 from .routing import Group, PrototypeIndex, Route
+from .telemetry import Metrics
 
 T = TypeVar("T")
 
@@ -37,8 +38,10 @@ class RoutePolicy:
     """When a route is doubtful, and what then happens.
 
     Below `min_score` (a raw cosine): serve with `low_confidence: true` ("flag") or refuse with 422 ("refuse").
-    Below `min_typicality` (calibrated; needs the model's `calibration` and the task's spread): no task fits, and
-    `no_fit_action` says what follows: "abstain" (output null), "refuse" (422) or "flag" (served anyway).
+    Below `min_typicality` (calibrated; needs the model's `calibration` and the task's spread, or the task's
+    `content` bank): no task fits, and `no_fit_action` says what follows: "abstain" (output null), "refuse"
+    (422) or "flag" (served anyway). A task with a content bank is judged by its content typicality, others
+    by the typicality of their route cosine.
     """
 
     min_score: float
@@ -46,6 +49,7 @@ class RoutePolicy:
     min_typicality: float = 0.0
     no_fit_action: str = "abstain"  # "abstain" | "refuse" | "flag"
     calibration: RouteCalibration | None = None
+    content: ContentBank | None = None
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float]:
@@ -101,9 +105,11 @@ class Pipeline:
         start = time.perf_counter()
         encoded = await self.runner(self.engine.encode, texts)
         routes = await self.route(encoded.z[to_route], [items[i].among for i in to_route]) if to_route else []
+        by_item = dict(zip(to_route, routes, strict=True))
+        content = await self._content_typicality(items, by_item)
         self.metrics.phase_seconds.labels("encode_route").observe(time.perf_counter() - start)
 
-        decisions = self._decide(items, dict(zip(to_route, routes, strict=True)))
+        decisions = self._decide(items, by_item, content)
         for i, (_, fields) in enumerate(decisions):
             if items[i].live and not fields.get("fits", True) and self.policy.no_fit_action == "abstain":
                 # abstained: answered without the decoder
@@ -139,7 +145,24 @@ class Pipeline:
                 routes[i] = route
         return routes  # type: ignore[return-value]
 
-    def _decide(self, items: list[WorkItem], routes: dict[int, Route]) -> list[tuple[TaskEntry, dict]]:
+    async def _content_typicality(self, items: list[WorkItem], routes: dict[int, Route]) -> dict[int, float]:
+        """The content check (pha_core/content.py) of the routed items whose task has a bank: one more encoder
+        pass, adapters off, over those items' texts."""
+        bank = self.policy.content
+        checked = [i for i, route in routes.items() if bank is not None and route.task in bank]
+        if not checked:
+            return {}
+        vectors = await self.runner(self.engine.content_vectors, [items[i].text for i in checked])
+        out: dict[int, float] = {}
+        for task in {routes[i].task for i in checked}:
+            rows = [j for j, i in enumerate(checked) if routes[i].task == task]
+            for j, value in zip(rows, bank.typicality(task, vectors[rows]).tolist(), strict=True):  # type: ignore[union-attr]
+                out[checked[j]] = value
+        return out
+
+    def _decide(
+        self, items: list[WorkItem], routes: dict[int, Route], content: dict[int, float]
+    ) -> list[tuple[TaskEntry, dict]]:
         """The task entry of every item, and its result fields. Refused items get their 422 here."""
         decisions = []
         for i, item in enumerate(items):
@@ -154,10 +177,10 @@ class Pipeline:
                 entry = self.catalog.entries()[0]  # a stand-in row: generate needs one set per example
                 decisions.append((entry, {}))
                 continue
-            decisions.append((entry, self._fields(item, entry, route)))
+            decisions.append((entry, self._fields(item, entry, route, content.get(i))))
         return decisions
 
-    def _fields(self, item: WorkItem, entry: TaskEntry, route: Route | None) -> dict:
+    def _fields(self, item: WorkItem, entry: TaskEntry, route: Route | None, content: float | None) -> dict:
         if route is None:  # pinned: retrieval skipped, so no score (documented in docs/serving.md)
             return {"task": entry.name, "routed": False}
         policy = self.policy
@@ -165,18 +188,24 @@ class Pipeline:
         typicality = confidence = None
         if policy.calibration is not None:
             confidence = policy.calibration.confidence(route.margin)
-            if entry.spread is not None:
-                typicality = policy.calibration.typicality(entry.spread, route.score)
+        # A task with a content bank is judged by it, one without by its route cosine: on the demo the content
+        # check alone kept more of the tasks' own rows at a higher OOD rejection than both together
+        # (docs/results.md section 5).
+        by_content = content is not None
+        if by_content:
+            typicality = content
+        elif policy.calibration is not None and entry.spread is not None:
+            typicality = policy.calibration.typicality(entry.spread, route.score)
         fits = typicality is None or typicality >= policy.min_typicality
         low = route.score < policy.min_score or not fits or (confidence is not None and confidence < 0.5)
         if low:
             self.metrics.low_confidence.inc()
         if not fits:
-            self.metrics.no_fit.labels("typicality").inc()
+            self.metrics.no_fit.labels("content" if by_content else "typicality").inc()
         if item.live and route.score < policy.min_score and policy.action == "refuse":
             item.future.set_exception(_low_score_error(route, policy.min_score))
         elif item.live and not fits and policy.no_fit_action == "refuse":
-            item.future.set_exception(_no_fit_error(entry.name, typicality, policy.min_typicality))
+            item.future.set_exception(_no_fit_error(entry.name, typicality, policy.min_typicality, by_content))
         candidates = self.index.size(item.among)
         return {
             "task": entry.name,
@@ -188,7 +217,7 @@ class Pipeline:
             "confidence": confidence,
             "typicality": typicality,
             "fits": fits,
-            "reason": None if fits else _untypical(entry.name, typicality, policy.min_typicality),
+            "reason": None if fits else _untypical(entry.name, typicality, policy.min_typicality, by_content),
         }
 
     async def _adapters(self, entries: list[TaskEntry]) -> dict[str, AdapterSet]:
@@ -224,17 +253,18 @@ class Pipeline:
                 item.future.set_result(ItemResult(output=output, task=None, routed=False))
 
 
-def _untypical(task: str, typicality: float | None, threshold: float) -> str:
+def _untypical(task: str, typicality: float | None, threshold: float, by_content: bool = False) -> str:
+    what = "its text is less like the training texts of" if by_content else "the input is less typical of"
     return (
-        f"the input is less typical of its nearest task {task!r} than {1 - (typicality or 0):.1%} of that task's "
-        f"held-out inputs (typicality {typicality:.3f} < {threshold}, PHA_MIN_ROUTE_TYPICALITY): no task fits it"
+        f"{what} its nearest task {task!r} than {1 - (typicality or 0):.1%} of that task's held-out inputs "
+        f"(typicality {typicality:.3f} < {threshold}, PHA_MIN_ROUTE_TYPICALITY): no task fits it"
     )
 
 
-def _no_fit_error(task: str, typicality: float | None, threshold: float) -> ServiceError:
+def _no_fit_error(task: str, typicality: float | None, threshold: float, by_content: bool = False) -> ServiceError:
     return ServiceError(
         422,
-        _untypical(task, typicality, threshold) + '. Name the task with "task" if it is meant for one.',
+        _untypical(task, typicality, threshold, by_content) + '. Name the task with "task" if it is meant for one.',
         reason="no_task_fits",
     )
 

@@ -16,10 +16,10 @@ from .catalog import TaskCatalog
 from .errors import ServiceError
 from .limits import RequestLimits
 from .logging import annotate
-from .metrics import Metrics
 from .pipeline import RoutePolicy
 from .routing import Group
 from .schemas import Prediction, PredictRequest, PredictResponse, RouteInfo, Truncation
+from .telemetry import Metrics
 
 
 class Predictor:

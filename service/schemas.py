@@ -155,7 +155,9 @@ class RouteInfo(BaseModel):
     typicality: float | None = Field(
         None,
         description="share of the task's held-out inputs that are less typical of it than this input (a "
-        "conformal p-value: about uniform for the task's own inputs); null when pinned or not fitted",
+        "conformal p-value: about uniform for the task's own inputs), by the content check (the text against the "
+        "task's training texts) where the task has a content bank, else by the route cosine; null when pinned "
+        "or not fitted",
     )
     fits: bool = Field(
         True,

@@ -111,6 +111,12 @@ class Settings(BaseSettings):
         "(abstain), refuse the request with 422 (refuse), or answer with the nearest task anyway, "
         "low_confidence true (flag)",
     )
+    content_check: bool = Field(
+        True,
+        description="judge routed inputs of the checkpoint's trained tasks by their text against the task's "
+        "training texts (pha_core/content.py; needs the checkpoint's content_bank.npz): a second encoder pass "
+        "per routed input. false: by the route cosine alone (faster, lets more out-of-task text through)",
+    )
 
     # --- adapter cache
     l1_cache_size: int = Field(256, ge=1, description="adapter sets kept in process memory (LRU)")

@@ -22,7 +22,6 @@ from .changes import TaskChanges
 from .jobs import JobQueue
 from .limits import ConcurrencyLimiter, RequestLimits
 from .loader import LoadedModel
-from .metrics import Metrics
 from .pipeline import Pipeline, RoutePolicy
 from .predictor import Predictor
 from .redis_client import connect
@@ -30,6 +29,7 @@ from .registry import RegistryStore, open_registry
 from .routing import PrototypeIndex, search_thread
 from .schemas import PredictRequest
 from .settings import Settings
+from .telemetry import Metrics
 
 log = logging.getLogger("pha.state")
 WARMUP_TEXT = "sentence: a warm-up request, answered once at start-up"
@@ -106,6 +106,7 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
         settings.min_route_typicality,
         settings.no_fit_action,
         loaded.calibration,
+        loaded.content if settings.content_check else None,
     )
     pipeline = Pipeline(
         engine=engine,

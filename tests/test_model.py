@@ -6,8 +6,8 @@ from typing import get_args
 import pytest
 import torch
 
-from pha_core.batching import collate
 from pha_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pha_core.collate import collate
 from pha_core.config import VariantName
 from pha_core.evaluate import predict_examples
 from pha_core.model import PHAModel

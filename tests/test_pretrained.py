@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pha_core.batching import collate
 from pha_core.checkpoint import load_checkpoint
+from pha_core.collate import collate
 from pha_core.config import PHAConfig
 from pha_core.evaluate import predict_examples
 from pha_core.model import PHAModel

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pha_core import scoring
-from pha_core.batching import collate
+from pha_core.collate import collate
 from pha_core.evaluate import predict_examples
 from pha_core.model import PHAModel
 from pha_core.scoring import STSB_BINS, AnswerSpace, answer, candidate_ids, label_log_likelihoods, rank

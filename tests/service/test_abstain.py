@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 
 from pha_core.calibration import LEVELS, RouteCalibration, Spread
@@ -58,3 +59,34 @@ def test_a_threshold_of_zero_turns_nothing_away(calibrated):
     with running_app(calibrated, min_route_typicality=0.0) as client:
         (p,) = predictions(client, inputs=SST2)
         assert p["output"] in ("negative", "positive") and p["route"]["fits"] is True
+
+
+@pytest.fixture(scope="module")
+def content_checked(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint with every route cosine typical, and content banks under which the SST-2 text is
+    unlike every sst2 training text (its bank is the text's opposite) and the RTE text like rte's (itself)."""
+    from pha_core.checkpoint import load_checkpoint
+    from pha_core.content import ContentBank, TaskBank, content_vectors
+
+    path = tmp_path_factory.mktemp("content") / "tiny"
+    shutil.copytree(tiny_checkpoint, path)
+    spreads = {"sst2": Spread(center=-5.0, scale=0.01), "rte": Spread(center=-5.0, scale=0.01)}
+    quantiles = tuple(float(x) for x in range(-len(LEVELS) // 2, len(LEVELS) - len(LEVELS) // 2))
+    RouteCalibration(quantiles, slope=10.0, intercept=0.0, spreads=spreads, rows=100).save(path)
+    sst2, rte = content_vectors(load_checkpoint(path), [SST2, RTE])
+    levels = np.linspace(-0.9, 0.9, len(LEVELS))
+    ContentBank({"sst2": TaskBank(-sst2[None, :], levels), "rte": TaskBank(rte[None, :], levels)}).save(path)
+    return path
+
+
+def test_the_content_check_turns_away_a_text_unlike_its_tasks_training_texts(content_checked):
+    with running_app(content_checked) as client:
+        unlike, like = predictions(client, inputs=[SST2, RTE])
+        assert unlike["output"] is None and unlike["route"]["fits"] is False
+        assert unlike["route"]["typicality"] == 0.0 and "training texts" in unlike["route"]["reason"]
+        assert like["output"] in ("entailment", "not_entailment") and like["route"]["fits"] is True
+        assert like["route"]["typicality"] == 1.0
+        assert metric(client, "pha_no_task_fits_total", why="content") == 1.0
+        assert metric(client, "pha_no_task_fits_total", why="typicality") == 0.0
+        (pinned,) = predictions(client, inputs=SST2, task="sst2")  # a named task is never second-guessed
+        assert pinned["output"] in ("negative", "positive")

@@ -122,7 +122,7 @@ def test_l1_is_bounded_in_bytes(tiny_checkpoint):
     import asyncio
 
     from service.cache import AdapterCache
-    from service.metrics import Metrics
+    from service.telemetry import Metrics
 
     with running_app(tiny_checkpoint) as client:
         state = client.app.state.pha

@@ -89,3 +89,19 @@ def test_inputs_of_no_task_are_answered_no_task_fits_and_task_rows_are_served(cl
         assert p["output"] is None and p["route"]["fits"] is False and p["route"]["candidates"] == 0
     assert review["output"] == "positive" and review["route"]["fits"] is True
     assert review["route"]["typicality"] > 0.02 and 0.5 < review["route"]["confidence"] <= 1.0
+
+
+def test_the_demo_turns_away_texts_of_no_tasks_kind_written_in_a_tasks_template(client):
+    """The shipped content bank: gibberish, code and Romanian in SST-2's template fit no task (the route cosine
+    alone let them through); a movie review in it still does."""
+    assert client.app.state.pha.pipeline.policy.content is not None
+    texts = [
+        "sentence: asdkjh qwe zxcv poiu lkjhg",
+        "sentence: def f(x): return x + 1",
+        "sentence: Guvernul a aprobat ieri un nou proiect de lege privind educatia.",
+        "sentence: a gripping, beautifully acted film",
+    ]
+    *others, review = client.post("/predict", json={"inputs": texts}).json()["predictions"]
+    for p in others:
+        assert p["output"] is None and p["route"]["fits"] is False, p
+    assert review["output"] == "positive" and review["route"]["fits"] is True

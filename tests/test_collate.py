@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from pha_core.batching import collate, collate_buckets, length_buckets
+from pha_core.collate import collate, collate_buckets, length_buckets
 from pha_core.model import PHAModel
 from pha_core.tasks import Example
 from tests.support.tiny import tiny_config
