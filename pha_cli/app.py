@@ -15,8 +15,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 import typer
 
 from pha_core.config import BackboneConfig, PHAConfig
-from pha_core.pretrain import PretrainConfig
-from pha_core.train import TrainConfig
+from pha_core.recipes import PretrainConfig, TrainConfig
 
 from . import commands
 from .errors import UserError
@@ -118,8 +117,9 @@ def calibrate(
     data_dir: DataDir = None,
     max_rows: Annotated[int, typer.Option(help="validation rows per task, seeded")] = 500,
 ) -> None:
-    """Fit a checkpoint's route calibration (typicality and confidence) on its tasks' validation rows and write it
-    into the checkpoint (calibration.json, replaced atomically)."""
+    """Fit a checkpoint's route calibration (typicality and confidence) on its tasks' validation rows, and its
+    content bank (pha_core/content.py) on their training and validation rows; both are written into the
+    checkpoint (calibration.json, content_bank.npz, each replaced atomically)."""
     commands.calibrate(locals())
 
 

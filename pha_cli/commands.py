@@ -100,7 +100,8 @@ def fit_content(model, splits: dict[str, dict[str, list]]):
 def _held_out(checkpoint: str, tasks: list[str], data_dir: str | None, rows: int, n_train: int = 1):
     """The validation and test rows a checkpoint's recipe split off, `rows` per task (and the first `n_train`
     rows of its training sample)."""
-    from pha_core.train import TrainConfig, load_data, recipe_of
+    from pha_core.recipes import TrainConfig
+    from pha_core.train import load_data, recipe_of
 
     recipe = recipe_of(checkpoint)
     tcfg = TrainConfig(

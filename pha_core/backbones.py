@@ -16,9 +16,8 @@ Two families:
 
 from __future__ import annotations
 
-import copy
-
 import contextlib
+import copy
 import inspect
 import re
 from dataclasses import dataclass

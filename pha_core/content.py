@@ -61,8 +61,8 @@ def content_source(model, texts: Sequence[str]):
 
 def content_vectors(model, texts: Sequence[str], source=None) -> np.ndarray:
     """Unit content vectors [B, d] of formatted inputs: the frozen encoder's first LAYERS layers (adapters off)
-    over each text without its markers, mean-pooled; the same whatever the model's `encoding`. `source`: content_source(texts), when
-    the caller tokenised already."""
+    over each text without its markers, mean-pooled; the same whatever the model's `encoding`. `source`:
+    content_source(texts), when the caller tokenised already."""
     import torch
 
     from .retriever import masked_mean
@@ -72,6 +72,7 @@ def content_vectors(model, texts: Sequence[str], source=None) -> np.ndarray:
         return np.zeros((0, model.backbone.d_model), dtype=np.float32)
     source = (source if source is not None else content_source(model, texts)).to(model.device)
     with torch.inference_mode(), model.adapter_switch.off():
+
         def first_layers(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return model.backbone.encode_first_layers(ids, mask, min(LAYERS, model.n_encoder_layers))
 

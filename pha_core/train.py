@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,71 +25,12 @@ from transformers import get_linear_schedule_with_warmup
 from . import runtime
 from .checkpoint import TRAINER_FILE, load_checkpoint, read_meta, round_trainable, save_checkpoint
 from .collate import collate_buckets
-from .config import PHAConfig, knob
+from .config import PHAConfig
 from .data import ProportionalMixer, load_splits
 from .files import write_atomic
 from .model import PHAModel
-from .tasks import GLUE_TASKS, Example
-
-
-@dataclass
-class TrainConfig:
-    """The training recipe; saved in the checkpoint's config.json as "recipe"."""
-
-    tasks: list[str] = knob(factory=lambda: list(GLUE_TASKS), doc="task names (default: the 8 GLUE tasks)")
-    data_dir: str | None = knob(
-        None, doc="folder of the original GLUE/SuperGLUE files ($PHA_DATA_DIR or ../shared/data); hf: Hugging Face"
-    )
-    n_train: int | None = knob(100, doc="training examples per task, seeded (the low-data regime); 0 = all")
-    fraction: float | None = knob(None, doc="or a fraction of each task's train split")
-    max_eval: int | None = knob(200, doc="validation/test rows per task in evaluations during training")
-    # `seed` draws the training sample, the initialisation and the batch order; `split_seed` makes the
-    # train/validation/test splits and the capped evaluation rows, so seeds are compared on the same rows.
-    seed: int = knob(42, doc="seed of the training sample, the mixing and the init")
-    split_seed: int = knob(42, doc="seed of the train/validation/test splits and of the evaluation rows")
-    steps: int = knob(300, doc="optimizer steps")
-    batch_size: int = knob(32, doc="examples per step, mixed across tasks")
-    # The paper trains T5 with 3e-4 for many thousand steps; a short CPU run of the warm-started MiniLM
-    # decoder needs a larger rate (pha-method.md §7 measured 1e-3 at batch 32).
-    lr: float = knob(1e-3, doc="AdamW peak learning rate")
-    # None: 10% of steps (the paper's 500 is for ~65k-step runs).
-    warmup_steps: int | None = knob(None, doc="linear warm-up steps (default: 10% of steps)")
-    weight_decay: float = knob(0.0, doc="AdamW weight decay")
-    grad_clip: float = knob(1.0, doc="gradient-norm clip")
-    log_every: int = knob(10, doc="steps per logged row of loss parts")
-    eval_every: int = knob(0, doc="validate every N steps (0: at the end only)")
-    save_every: int = knob(0, doc="checkpoint every N steps (0: at the end only)")
-    output: str = knob("runs/pha", doc="checkpoint directory")
-    device: str = knob("auto", doc="auto, cpu, cuda, cuda:1, ...")
-    threads: int | None = knob(None, doc="torch intra-op CPU threads (default: torch's)")
-    # Storage dtype of the final checkpoint: "float16" halves its size (the demo ships that way); the weights
-    # are rounded in memory first, so the evaluated model is exactly the stored one.
-    save_dtype: Literal["float32", "float16", "bfloat16"] = knob("float32", doc="storage dtype of the checkpoint")
-    # Matmul precision of forward and backward: "bf16" autocast (trainable weights, gradients and optimiser stay
-    # float32; FrozenInLowPrecision), "fp32", or "auto": bf16 where the hardware multiplies bf16 natively (CUDA
-    # with bf16, CPUs with AVX512-BF16/AMX), fp32 elsewhere. Measured in docs/results.md (bench/train_speed.py).
-    precision: Literal["auto", "bf16", "fp32"] = knob("auto", doc="matmul precision (auto: bf16 where native)")
-    # Padded source tokens per length bucket of a batch (collate.collate_buckets); 0: one bucket per batch.
-    # 4096 at batch 128 measured fastest on the GLUE mix (mean 40 tokens, max 256): 65.8 ex/s vs 61.0 for 2048.
-    token_budget: int = knob(4096, doc="padded source tokens per length bucket (0: no buckets)")
-
-    def __post_init__(self) -> None:
-        if self.n_train == 0:  # the command line's "all"
-            self.n_train = None
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if not self.tasks:
-            raise ValueError("at least one task is needed")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.save_dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"save_dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
-
-    @property
-    def warmup(self) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
+from .recipes import TrainConfig
+from .tasks import Example
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
