@@ -281,7 +281,7 @@ def score_adapted(
     calibration: RouteCalibration | None = None,
     min_typicality: float = 0.02,
 ) -> dict[str, float]:
-    """Held-out quality of an adapted task: its metrics (exact match for tasks not in the catalogue) and the
+    """Held-out quality of an adapted task: its metrics (exact match for tasks not in the task table) and the
     share of held-out inputs that retrieval routes to the new prototype rather than to a known one; with the
     model's `calibration`, also the share routed to it AND typical of it (what the server answers: "fits_new").
 

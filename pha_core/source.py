@@ -12,13 +12,13 @@ on), and the decoder cross-attends to one memory per input:
     [ u_1 ... u_S, |u_{S-1} - u_S|, u_{S-1} * u_S ;  tokens of field 1 ; ... ; tokens of field S ]
 
 u_i is field i's mean-pooled, L2-normalised state (the sentence embedding the encoder was trained to give); the
-pair features (only for S >= 2) are those of the last two fields, the pair every catalogue task compares (WiC's
+pair features (only for S >= 2) are those of the last two fields, the pair every known task compares (WiC's
 two sentences after its word, WSC's two spans after its text). Each of these "field tokens" gets a learnt
 embedding of its slot. Encoding "joint", the default, gives the decoder the states of the whole text, as the
 paper does: measured on the demo recipe, PHA read the joint text better (0.649 vs 0.567 GLUE average, task
 given; docs/results.md §2), though a linear probe reads the fields apart better.
 
-Fields are found in the text itself, at the field markers of the catalogue's templates (``premise:``,
+Fields are found in the text itself, at the field markers of the task table's templates (``premise:``,
 ``sentence2:`` ...; tasks.FIELD_MARKERS), so a template string from a file, the HF copy or a request splits the
 same way. A marker must start the text or follow whitespace; a text without markers is one field.
 """
@@ -35,7 +35,7 @@ from torch import nn
 from .retriever import masked_mean
 from .tasks import FIELD_MARKERS, template_pattern
 
-# Fields one input may have (the catalogue's most is 3: WiC, WSC); markers after the 4th stay inside it.
+# Fields one input may have (the task table's most is 3: WiC, WSC); markers after the 4th stay inside it.
 MAX_FIELDS = 4
 # Field tokens per input: one u per field, then |u - v| and u * v.
 FIELD_SLOTS = MAX_FIELDS + 2

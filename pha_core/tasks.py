@@ -1,4 +1,4 @@
-"""The task catalogue (templates, label words, metrics) and the readers of the original data files.
+"""The task table (templates, label words, metrics) and the readers of the original data files.
 
 Inputs are formatted by field names only (``premise: ... hypothesis: ...``), never with the task name: serving
 routes an unnamed request to a task by retrieval, and a task-name prefix would make that trivial and useless
@@ -31,7 +31,7 @@ class DataError(ValueError):
 
 
 class UnknownTaskError(ValueError):
-    """A task name that is not in the catalogue."""
+    """A task name that is not in the task table (TASKS)."""
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ TASKS: Mapping[str, TaskSpec] = MappingProxyType(
 )
 
 
-# The literal text before each field of the catalogue's templates ("premise:", "sentence2:", ...): where
+# The literal text before each field of the task table's templates ("premise:", "sentence2:", ...): where
 # source.split_fields cuts a formatted input into its fields.
 FIELD_MARKERS: tuple[str, ...] = tuple(
     sorted(
@@ -213,7 +213,7 @@ FIELD_MARKERS: tuple[str, ...] = tuple(
 
 
 def templates_of(names: Iterable[str]) -> list[str | None]:
-    """The catalogue template of each task name (None for a name the catalogue does not know)."""
+    """The template of each task name in the task table (None for a name it does not know)."""
     return [TASKS[n].template if n in TASKS else None for n in names]
 
 
@@ -461,7 +461,7 @@ def read_local(task: str, data_dir: Path) -> dict[str, list[Example]]:
 # Hugging Face datasets (optional)
 # ----------------------------------------------------------------------------------------------------
 
-# SciTail's tsv_format stores "entails"; the catalogue uses the word of its snli_format ("entailment").
+# SciTail's tsv_format stores "entails"; the task table uses the word of its snli_format ("entailment").
 _HF_LABEL_ALIASES: Mapping[str, Mapping[object, object]] = MappingProxyType(
     {"scitail": MappingProxyType({"entails": "entailment"})}
 )

@@ -46,6 +46,10 @@ def test_train_then_eval_writes_metrics_json(tmp_path, tiny_yaml, data_dir, caps
     printed = capsys.readouterr().out
     assert "hypernetwork H" in printed and "ce:" in printed
     assert (out / "model.safetensors").is_file() and (out / "train_log.json").is_file()
+    from pha_core.content import ContentBank
+
+    bank = ContentBank.load(out)  # the content check's bank of both tasks, fitted at the end of training
+    assert bank is not None and "sst2" in bank and "rte" in bank
     report_file = tmp_path / "report.json"
     assert main(["eval", str(out), "--max-eval", "8", "--output", str(report_file)]) == 0
     report = json.loads(report_file.read_text())
@@ -217,6 +221,19 @@ def test_recipe_fields_are_the_options_of_train():
         if f.metadata.get("doc")
     ]
     assert len(documented) > 30 and set(documented) <= set(params)
+
+
+def test_help_needs_no_torch_and_a_missing_config_file_is_one_line():
+    import subprocess
+    import sys
+
+    probe = "import sys; from pha_cli import main; main(['--help']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False"), out  # the options come from torch-free recipe dataclasses
+    err = subprocess.run(
+        [sys.executable, "-m", "pha_cli", "train", "--config", "nowhere.yaml"], capture_output=True, text=True
+    ).stderr.strip()
+    assert err == "pha train: error: config file nowhere.yaml not found"
 
 
 def test_a_value_outside_the_choices_is_a_usage_error(capsys):
