@@ -60,6 +60,16 @@ def require_api_key(
         )
 
 
+def single_query_values(request: Request) -> None:
+    """Every query parameter at most once: `?offset=1&offset=5` would otherwise quietly mean the last one."""
+    keys = [key for key, _ in request.query_params.multi_items()]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ServiceError(
+            422, f"query parameter(s) {repeated} given more than once; give each at most once", reason="query"
+        )
+
+
 StateDep = Annotated[AppState, Depends(get_state)]
 ApiKey = Annotated[None, Depends(require_api_key)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

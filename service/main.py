@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from .deps import single_query_values
 from .errors import install_error_handlers
 from .loader import LoadedModel, load_model
 from .logging import annotate, configure_logging
@@ -72,7 +73,13 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         finally:
             await close_state(state)
 
-    app = FastAPI(title="PHA Serve", version=_version(), description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="PHA Serve",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        dependencies=[Depends(single_query_values)],
+    )
     app.state.metrics = metrics
     for router in (predict.router, prototypes.router, adapt.router, health.router):
         app.include_router(router)

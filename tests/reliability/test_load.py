@@ -30,8 +30,13 @@ def test_load_at_and_above_the_concurrency_limit(tiny_checkpoint, tmp_path):
         f"(second half {figures['rss_mib']['growth_second_half']} MiB)"
     )
     assert load.check(figures, MAX_RSS_GROWTH_MIB) == []
-    # Within the limit nobody is refused; above it, most of the excess is refused rather than queued.
-    assert phases["at_limit"]["statuses"].get("429", 0) == 0
-    assert phases["above_limit"]["statuses"]["429"] > phases["above_limit"]["statuses"]["200"]
+    # Within the limit nobody is refused; above it the excess is refused, not queued: the admitted rate stays the
+    # limit's (queued excess would raise it until the model saturates) and a good share of all answers are 429s.
+    # (How many 429s 12 excess clients collect depends on the client's speed on the same 2 cores: 37% of answers on
+    # an Intel Xeon VM, over half on an AMD EPYC one.)
+    at_limit, above_limit = phases["at_limit"], phases["above_limit"]
+    assert at_limit["statuses"].get("429", 0) == 0
+    assert above_limit["ok_per_s"] < 1.25 * at_limit["ok_per_s"], (at_limit, above_limit)
+    assert above_limit["statuses"]["429"] > 0.25 * above_limit["requests"], above_limit
     # Admitted requests do not queue behind the refused ones: p99 stays within a few batches' time.
     assert phases["above_limit"]["p99_ms"] < 2000

@@ -47,6 +47,14 @@ def test_bad_include_vector_is_422(client):
     assert response.status_code == 422 and "include_vector" in response.json()["detail"]
 
 
+def test_a_query_parameter_given_twice_is_422_not_the_last_value(client):
+    for url in ("/prototypes?offset=0&offset=1", "/prototypes/sst2?include_vector=true&include_vector=false"):
+        response = client.get(url)
+        assert response.status_code == 422, url
+        assert "given more than once" in response.json()["detail"]
+    assert client.get("/prototypes?offset=0&limit=1").status_code == 200
+
+
 def test_the_list_comes_in_pages(tiny_checkpoint):
     with running_app(tiny_checkpoint) as client:
         first = client.get("/prototypes", params={"limit": 2}).json()
