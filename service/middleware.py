@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from fastapi import FastAPI
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_response
@@ -164,7 +165,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 def route_matcher(app: FastAPI) -> Callable[[Scope], str]:
     """Label a request by its route template (bounded), also when middleware answered before routing ran.
 
-    Templates come from the app's OpenAPI paths (public API; included routers do not expose their routes).
+    Templates come from the app's OpenAPI paths (public API; included routers do not expose their routes), compiled
+    as Starlette compiles route paths (`compile_path`).
     """
     patterns: list[tuple[re.Pattern[str], str]] = []
 
@@ -174,8 +176,7 @@ def route_matcher(app: FastAPI) -> Callable[[Scope], str]:
             return route.path
         if not patterns:
             for template in app.openapi().get("paths", {}):
-                regex = re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template))
-                patterns.append((re.compile(f"^{regex}$"), template))
+                patterns.append((compile_path(template)[0], template))
         for pattern, template in patterns:
             if pattern.match(scope["path"]):
                 return template
