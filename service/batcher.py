@@ -25,9 +25,6 @@ from .errors import ServiceError
 log = logging.getLogger("pha.batcher")
 
 T = TypeVar("T")
-# Batches processed at once. One: texts that arrive while a batch runs wait and form the next, full batch (two in
-# flight halved the batch size under load, measured with bench/serve.py, for little gain: cache fetches are rare).
-BATCHES_IN_FLIGHT = 1
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,10 @@ class MicroBatcher:
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._queue: asyncio.Queue[WorkItem] = asyncio.Queue()
-        self._slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
+        # One batch at a time: texts that arrive while a batch runs wait and form the next, full batch (two in
+        # flight halved the batch size under load, measured with bench/serve.py, for little gain: cache fetches
+        # are rare). Taken by the collecting loop, released by the batch's task when it is done.
+        self._one_batch = asyncio.Lock()
         self._running: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
         self._last_size = 1  # texts in the last batch: whether concurrent requests are to be waited for
@@ -106,11 +106,11 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         while True:
-            await self._slots.acquire()
+            await self._one_batch.acquire()
             try:
                 batch = await self._collect()
             except BaseException:
-                self._slots.release()
+                self._one_batch.release()
                 raise
             task = asyncio.get_running_loop().create_task(self._process(batch))
             self._running.add(task)
@@ -160,7 +160,7 @@ class MicroBatcher:
             log.exception("batch failed", extra={"batch_size": len(batch)})
             _fail(batch, exc)
         finally:
-            self._slots.release()
+            self._one_batch.release()
 
     async def stop(self) -> None:
         """Stop taking batches, let running ones finish, and answer queued items with 503."""
