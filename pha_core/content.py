@@ -81,6 +81,13 @@ def content_vectors(model, texts: Sequence[str], source=None) -> np.ndarray:
     return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
 
 
+def kth_nearest(vectors: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """Cosine of each row of `vectors` [B, d] (unit) to its K-th nearest row of `bank` [n, d] (unit)."""
+    sims = np.asarray(vectors, dtype=np.float32) @ np.asarray(bank, dtype=np.float32).T  # no copy when float32
+    k = min(K, sims.shape[1])
+    return np.partition(sims, -k, axis=1)[:, -k]
+
+
 @dataclass(frozen=True)
 class TaskBank:
     """One task's bank: unit vectors [n, d] of its training texts, and its held-out scores at LEVELS."""
@@ -89,10 +96,7 @@ class TaskBank:
     quantiles: np.ndarray
 
     def scores(self, vectors: np.ndarray) -> np.ndarray:
-        """Cosine of each row of `vectors` [B, d] (unit) to its K-th nearest bank row."""
-        sims = np.asarray(vectors, dtype=np.float32) @ self.vectors.astype(np.float32).T
-        k = min(K, sims.shape[1])
-        return np.partition(sims, -k, axis=1)[:, -k]
+        return kth_nearest(vectors, self.vectors)
 
     def typicality(self, vectors: np.ndarray) -> np.ndarray:
         """Share of held-out rows whose score is at most each row's (0..1)."""
@@ -164,8 +168,7 @@ def fit_content_bank(
         rows, checks = list(texts[:BANK_ROWS]), list(held_out.get(task, ()))
         if not rows or not checks:
             raise ValueError(f"a content bank for {task!r} needs training and held-out rows")
-        bank = TaskBank(vectors=embed(rows).astype(np.float16).astype(np.float32), quantiles=np.zeros(len(LEVELS)))
-        scores = bank.scores(embed(checks))
-        quantiles = np.maximum.accumulate(np.quantile(scores.astype(np.float64), LEVELS))
-        banks[task] = TaskBank(vectors=bank.vectors, quantiles=quantiles)
+        vectors = embed(rows).astype(np.float16).astype(np.float32)  # as stored, so the quantiles fit the file
+        scores = kth_nearest(embed(checks), vectors).astype(np.float64)
+        banks[task] = TaskBank(vectors=vectors, quantiles=np.maximum.accumulate(np.quantile(scores, LEVELS)))
     return ContentBank(banks)

@@ -149,14 +149,16 @@ class Pipeline:
         """The content check (pha_core/content.py) of the routed items whose task has a bank: one more encoder
         pass, adapters off, over those items' texts."""
         bank = self.policy.content
-        checked = [i for i, route in routes.items() if bank is not None and route.task in bank]
+        if bank is None:
+            return {}
+        checked = [i for i, route in routes.items() if route.task in bank]
         if not checked:
             return {}
         vectors = await self.runner(self.engine.content_vectors, [items[i].text for i in checked])
         out: dict[int, float] = {}
         for task in {routes[i].task for i in checked}:
             rows = [j for j, i in enumerate(checked) if routes[i].task == task]
-            for j, value in zip(rows, bank.typicality(task, vectors[rows]).tolist(), strict=True):  # type: ignore[union-attr]
+            for j, value in zip(rows, bank.typicality(task, vectors[rows]).tolist(), strict=True):
                 out[checked[j]] = value
         return out
 
