@@ -9,7 +9,8 @@ Measured on the GLUE mix (bench/train_speed.py): see docs/results.md.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +26,27 @@ class Batch:
     decoder_input_ids: torch.Tensor
     labels: torch.Tensor  # -100 where there is no target token
     task_ids: torch.Tensor
+    weights: torch.Tensor | None = None  # per-example CE weight [B] (label_weights); None: all 1
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
             self.source.to(device),
             *(t.to(device) for t in (self.decoder_input_ids, self.labels, self.task_ids)),
+            None if self.weights is None else self.weights.to(device),
         )
+
+
+def label_weights(train_sets: Mapping[str, Sequence[Example]], classification: Callable[[str], bool]) -> dict:
+    """(task, target) -> weight that makes each label of a classification task weigh the same in CE:
+    n / (labels x count), so a task's mean weight over its sample is 1. Regression tasks are left out (1)."""
+    weights: dict[tuple[str, str], float] = {}
+    for task, examples in train_sets.items():
+        if not classification(task) or not examples:
+            continue
+        counts = Counter(e.target for e in examples)
+        for target, count in counts.items():
+            weights[task, target] = len(examples) / (len(counts) * count)
+    return weights
 
 
 def length_buckets(lengths: Sequence[int], token_budget: int, rows: Sequence[int] | None = None) -> list[list[int]]:
@@ -64,6 +80,7 @@ def collate_buckets(
     max_target_length: int,
     token_budget: int,
     by_field: bool = False,
+    weights: Mapping[tuple[str, str], float] | None = None,
 ) -> list[Batch]:
     """`collate` per length bucket (see the module docstring); with `by_field`, an example's length is that of
     its longest field and it counts one encoder row per field."""
@@ -72,7 +89,9 @@ def collate_buckets(
     lengths = [min(max(next(counts) for _ in ps), max_source_length) for ps in pieces]
     rows = [len(ps) for ps in pieces]
     return [
-        collate(backbone, [examples[i] for i in bucket], task_index, max_source_length, max_target_length, by_field)
+        collate(
+            backbone, [examples[i] for i in bucket], task_index, max_source_length, max_target_length, by_field, weights
+        )
         for bucket in length_buckets(lengths, token_budget, rows)
     ]
 
@@ -84,8 +103,10 @@ def collate(
     max_source_length: int,
     max_target_length: int,
     by_field: bool = False,
+    weights: Mapping[tuple[str, str], float] | None = None,
 ) -> Batch:
-    """Tensors of `examples`; `by_field`: each input's fields tokenised apart (PHAConfig.by_field)."""
+    """Tensors of `examples`; `by_field`: each input's fields tokenised apart (PHAConfig.by_field); `weights`:
+    per-(task, target) CE weights (label_weights; None: unweighted)."""
     source = make_source(backbone, [e.input for e in examples], max_source_length, by_field)
     targets = [backbone.target_ids(e.target)[:max_target_length] for e in examples]
     width = max(len(t) for t in targets)
@@ -96,4 +117,7 @@ def collate(
         decoder_inputs[row, 0] = backbone.decoder_start_token_id
         decoder_inputs[row, 1 : len(ids)] = torch.tensor(ids[:-1])
     task_ids = torch.tensor([task_index[e.task] for e in examples], dtype=torch.long)
-    return Batch(source, decoder_inputs, labels, task_ids)
+    row_weights = None
+    if weights:
+        row_weights = torch.tensor([weights.get((e.task, e.target), 1.0) for e in examples], dtype=torch.float32)
+    return Batch(source, decoder_inputs, labels, task_ids, row_weights)

@@ -183,9 +183,10 @@ class PHAModel(nn.Module):
             # The LM head (30k words for MiniLM) and its softmax run on target tokens only, not on padding:
             # the same loss, and ~15% of a CPU step less (bench/train_speed.py).
             targets = b.labels != -100
-            ce_sum = ce_sum + token_cross_entropy(
-                self.backbone.lm_head(states[targets]), b.labels[targets], reduction="sum"
-            )
+            token_ce = token_cross_entropy(self.backbone.lm_head(states[targets]), b.labels[targets], reduction="none")
+            if b.weights is not None:  # each target token weighs what its example does (collate.label_weights)
+                token_ce = token_ce * b.weights.unsqueeze(1).expand_as(b.labels)[targets]
+            ce_sum = ce_sum + token_ce.sum()
             n_tokens += int(targets.sum())
             zs.append(z)
             task_ids.append(b.task_ids)

@@ -24,13 +24,13 @@ from transformers import get_linear_schedule_with_warmup
 
 from . import runtime
 from .checkpoint import TRAINER_FILE, load_checkpoint, read_meta, round_trainable, save_checkpoint
-from .collate import collate_buckets
+from .collate import collate_buckets, label_weights
 from .config import PHAConfig
 from .data import ProportionalMixer, load_splits
 from .files import write_atomic
 from .model import PHAModel
 from .recipes import TrainConfig
-from .tasks import Example
+from .tasks import Example, get_task
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -172,11 +172,16 @@ class Trainer:
         if resume and (self.output / TRAINER_FILE).is_file():
             self.model = load_checkpoint(self.output, expect=model_cfg).train()
             trainer_state = torch.load(self.output / TRAINER_FILE, weights_only=True)
+        elif cfg.init_from:
+            self.model = load_checkpoint(cfg.init_from, expect=model_cfg).train()
         else:
             self.model = PHAModel(model_cfg)
         self.model.to(self.device).train()
         self.frozen = FrozenInLowPrecision(self.model, self.precision == "bf16")
         self.task_index = {t: i for i, t in enumerate(self.model.tasks)}
+        self.label_weights = (
+            label_weights(self.train_sets, lambda t: get_task(t).labels is not None) if cfg.balance_labels else None
+        )
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, cfg.warmup, cfg.steps)
         self.mixer = ProportionalMixer(self.train_sets, cfg.batch_size, seed=cfg.seed + self.dist.rank)
@@ -206,6 +211,7 @@ class Trainer:
             self.model.config.max_target_length,
             self.cfg.token_budget,
             self.model.config.by_field,
+            self.label_weights,
         )
         with autocast(self.precision, self.device):
             parts = self.ddp_model([b.to(self.device) for b in buckets])

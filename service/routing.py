@@ -27,6 +27,7 @@ Group = str | None  # a template, or None for the tasks without one
 FLAT_MAX = 20_000  # exact search up to here: ~2.6 MFLOP a query, about 1 ms on one core of this VM
 NPROBE = 64  # IVF cells per query: recall@1 0.998 at 100k, 0.94-0.99 at 1M on bench/scale.py (24: 0.61-0.69)
 TRAIN_POINTS_PER_CELL = 40  # k-means sample per cell: enough for stable cells, and training stays in seconds
+SPLIT_CELLS_MIN = 200_000  # vectors in a group from which one query's probed cells are split over the IVF threads
 REGROW = 4  # an IVF is re-trained when its group has grown this many times past the size it was trained at
 
 
@@ -92,8 +93,11 @@ class _GroupIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if not self.trained_at or self.threads == 1:
             return self.index.search(queries, min(k, self.index.ntotal))
-        # An IVF search of a batch splits its queries over `threads` OpenMP threads; the calling thread's own
-        # setting (one, for the small exact groups) is put back after.
+        # An IVF search of a batch splits its queries over `threads` OpenMP threads; a single query of a large
+        # group splits its probed cells (parallel_mode 1: at 1M tasks batch-1 p50 3.0 -> 1.8 ms on the 2-core
+        # VM, bench/scale.py; at 100k the scan is too short to pay for the threads: 0.40 -> 0.51 ms). The
+        # calling thread's own setting (one, for the small exact groups) is put back after.
+        self.index.parallel_mode = 1 if len(queries) == 1 and self.index.ntotal >= SPLIT_CELLS_MIN else 0
         before = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(self.threads)
         try:

@@ -88,7 +88,8 @@ class Settings(BaseSettings):
         2,
         ge=1,
         description="OpenMP threads for searches of template groups over 20,000 tasks (approximate IVF indexes): "
-        "a batch's queries are split over them (the model thread waits for routing meanwhile)",
+        "a batch's queries are split over them, a single query's cells in groups of 200,000 or more (the model "
+        "thread waits for routing meanwhile)",
     )
     faiss_nprobe: int = Field(
         64, ge=1, description="IVF cells read per query in large groups: recall against speed (docs/serving.md)"

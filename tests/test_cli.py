@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from pha_cli import main
@@ -83,6 +84,25 @@ def test_resume_continues_where_training_stopped(tmp_path, tiny_yaml, data_dir):
     assert meta["recipe"]["steps_done"] == 4
     history = json.loads((out / "train_log.json").read_text())["history"]
     assert [row["step"] for row in history] == [1, 2, 3, 4]
+
+
+@pytest.mark.data
+def test_a_second_stage_starts_from_a_trained_checkpoint(tmp_path, tiny_yaml, data_dir):
+    from safetensors.torch import load_file
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--config", str(tiny_yaml), "--tasks", "sst2", "cola", "--data-dir", str(data_dir), "--no-eval"]
+    assert main(["train", *common, "--output", str(first)]) == 0
+    # One step at a learning rate of 1e-9 (Adam moves each weight by ~lr): the weights are the first stage's.
+    args = ["train", *common, "--output", str(second), "--init-from", str(first), "--steps", "1", "--lr", "1e-9"]
+    assert main([*args, "--balance-labels"]) == 0
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.allclose(a[k], torch.zeros_like(a[k])) for k in a)
+    recipe = json.loads((second / "config.json").read_text())["recipe"]
+    assert recipe["init_from"] == str(first) and recipe["balance_labels"] is True
+    code = main(["train", *common[:3], "sst2", *common[5:], "--output", str(tmp_path / "x"), "--init-from", str(first)])
+    assert code != 0  # other tasks: another model, refused before any step
 
 
 def test_params_prints_parts_and_formulas(tiny_yaml, capsys):
