@@ -8,7 +8,9 @@ copy of the generated adapters initialised from H(k_a); `scratch` trains a plain
 the same k examples (the baseline). Each run reports the held-out metric, the share of held-out inputs routed
 to the new prototype, the wall time of the adaptation and the retrieved source task. Beside them, on the same k
 shots and held-out rows: the majority class of the shots and the frozen probe (bench/baselines.py). Held-out
-rows come from split seed 42 whatever the seed; the seed draws the k shots and the initialisation.
+rows come from split seed 42 whatever the seed; the seed draws the k shots and the initialisation. As a job
+does, each adapted task answers among its shots' labels with a label prior fitted on them (adapt.py step 4;
+`--no-label-offsets`: the labels of the task table, no prior).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--max-eval", type=int, default=300)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--no-label-offsets", action="store_true", help="skip the label prior fitted on the shots (adapt.py step 4)"
+    )
     p.add_argument("--output", required=True)
     args = p.parse_args()
     model = load_checkpoint(args.checkpoint, device=args.device)
@@ -64,7 +69,11 @@ def main() -> int:
                     runs.append({"task": task, "k": k, "seed": seed, "mode": name, "accuracy": accuracy})
                 for mode in args.modes:
                     started = time.perf_counter()
-                    result = adapt_task(model, shots, prototypes, model.tasks, mode=mode, steps=args.steps, seed=seed)
+                    # The labels a job registers (service/worker.py): the shots' own targets.
+                    labels = None if args.no_label_offsets else sorted({e.target for e in shots})
+                    result = adapt_task(
+                        model, shots, prototypes, model.tasks, mode=mode, steps=args.steps, seed=seed, labels=labels
+                    )
                     scores = score_adapted(model, result, heldout, prototypes, calibration=calibration)
                     runs.append(
                         {

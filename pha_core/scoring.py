@@ -53,12 +53,17 @@ class AnswerSpace:
 
     words: tuple[str, ...]
     regression: bool = False
+    # Added to each word's log-likelihood before the softmax: a few-shot task's label prior fitted on its k
+    # examples (pha_core.adapt.fit_label_offsets); None: none.
+    offsets: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.words:
             raise ValueError("an answer space needs at least one candidate")
         if len(set(self.words)) != len(self.words):
             raise ValueError(f"candidates must be distinct, got {list(self.words)}")
+        if self.offsets is not None and len(self.offsets) != len(self.words):
+            raise ValueError(f"{len(self.offsets)} label offsets for {len(self.words)} labels")
         if self.regression:
             [float(w) for w in self.words]  # every bin must be a number
 
@@ -71,8 +76,10 @@ class AnswerSpace:
         return cls(STSB_BINS, regression=True) if name == "stsb" else None
 
     @classmethod
-    def of_labels(cls, labels: Sequence[str] | None) -> AnswerSpace | None:
-        return cls(tuple(labels)) if labels else None
+    def of_labels(cls, labels: Sequence[str] | None, offsets: Sequence[float] | None = None) -> AnswerSpace | None:
+        if not labels:
+            return None
+        return cls(tuple(labels), offsets=tuple(float(x) for x in offsets) if offsets is not None else None)
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,8 @@ def rank(
 
 def answer(space: AnswerSpace, loglik: torch.Tensor) -> Scored:
     """Label probabilities from sequence log-likelihoods, and the answer they give."""
+    if space.offsets is not None:
+        loglik = loglik + torch.tensor(space.offsets, dtype=loglik.dtype)
     probs = torch.softmax(loglik.double(), dim=0)
     table = {word: float(p) for word, p in zip(space.words, probs.tolist(), strict=True)}
     if space.regression:

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import gc
 import logging
+import math
 import threading
 from datetime import datetime, timezone
 
@@ -139,6 +140,7 @@ class RegistrySync:
             tensors = AdaptedTensors.from_bytes(change.tensors or b"", self.n_layers)
             if tensors.prototype.shape != tensors.key.shape:
                 raise ValueError("its prototype and key differ in size")
+            offsets = _label_offsets(task.labels, task.label_offsets)
         except ValueError as exc:
             self._refuse(task.name, f"registry record {task.name!r} (change {change.seq}) is not servable: {exc}")
             return None
@@ -155,12 +157,28 @@ class RegistrySync:
             examples=task.k,
             spread=Spread(*task.spread) if task.spread else None,
             created=_created(task.created),
+            label_offsets=offsets,
         )
 
     def _refuse(self, name: str, error: str) -> None:
         self.refused[name] = error
         self.metrics.registry_errors.inc()
         log.error("registry record refused; the rest is served", extra={"task": name, "error": error})
+
+
+def _label_offsets(labels: list[str] | None, offsets: list[float] | None) -> tuple[float, ...] | None:
+    """A record's label offsets, checked: one finite number per label (ValueError names what is wrong)."""
+    if offsets is None:
+        return None
+    if not labels or len(offsets) != len(labels):
+        raise ValueError(f"it has {len(offsets)} label offsets for {len(labels or [])} labels")
+    try:
+        values = tuple(float(x) for x in offsets)
+    except (TypeError, ValueError):
+        raise ValueError("its label offsets are not all numbers") from None
+    if not all(math.isfinite(x) for x in values):
+        raise ValueError("its label offsets are not all finite")
+    return values
 
 
 @contextlib.contextmanager

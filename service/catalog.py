@@ -51,14 +51,15 @@ class TaskEntry:
     key: np.ndarray | None = field(default=None, repr=False)
     adapters: AdapterSet | None = field(default=None, repr=False)
     spread: Spread | None = None  # where its held-out rows' route cosines lie (typicality); None: not fitted
+    label_offsets: tuple[float, ...] | None = None  # per label, added to its log-likelihood (adapt.py); None: none
 
     @property
     def answers(self) -> AnswerSpace | None:
         """What the task answers with: its label words (rank classification; a known task's own, e.g. STS-B's
-        0.2 bins), or None: free generation."""
+        0.2 bins) with the label prior it was fitted with, or None: free generation."""
         if self.source == "trained" and self.name in TASKS:
             return AnswerSpace.of_task(self.name)
-        return AnswerSpace.of_labels(self.labels)
+        return AnswerSpace.of_labels(self.labels, self.label_offsets)
 
     @property
     def routing_key(self) -> np.ndarray:
@@ -224,6 +225,7 @@ class TaskCatalog:
         labels: Iterable[str] | None = None,
         examples: int | None = None,
         spread: Spread | None = None,
+        label_offsets: Iterable[float] | None = None,
     ) -> TaskEntry:
         """Add or replace an adapted task. Idempotent: the same task again changes nothing (jobs may re-run)."""
         new = TaskEntry(
@@ -236,6 +238,7 @@ class TaskCatalog:
             labels=tuple(labels) if labels is not None else None,
             examples=examples,
             spread=spread,
+            label_offsets=tuple(label_offsets) if label_offsets is not None else None,
         )
         return self.upsert_many([new])[0]
 
@@ -293,4 +296,4 @@ class TaskCatalog:
 
 
 def _metadata(entry: TaskEntry) -> tuple:
-    return entry.template, entry.labels, entry.spread, entry.examples
+    return entry.template, entry.labels, entry.spread, entry.examples, entry.label_offsets

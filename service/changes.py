@@ -126,6 +126,7 @@ class TaskChanges:
             labels=body.labels,
             template=body.template,
             spread=list(body.spread) if body.spread is not None else None,
+            label_offsets=list(body.label_offsets) if body.label_offsets is not None else None,
         )
         tensors = AdaptedTensors(vector, key, None).to_bytes()
         try:

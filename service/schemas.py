@@ -250,6 +250,11 @@ class PrototypeInfo(BaseModel):
     spread: list[float] | None = Field(
         None, description="[median, IQR] of its held-out inputs' route cosines (typicality); null: not fitted"
     )
+    label_offsets: list[float] | None = Field(
+        None,
+        description="per label (in `labels` order), added to its log-likelihood before the probabilities: the "
+        "label prior an adapted task was fitted with on its examples; null: none",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -411,7 +416,19 @@ class ImportRequest(BaseModel):
         description="[median, interquartile range > 0] of its held-out inputs' cosines to the key, for "
         "typicality (route.typicality); null: its routes are never turned away as fitting no task",
     )
+    label_offsets: list[FiniteFloat] | None = Field(
+        None, description="one per label: its log-likelihood offset, as GET /prototypes/{name} exports it"
+    )
     replace: StrictBool = Field(False, description="overwrite an adapted task of the same name")
+
+    @model_validator(mode="after")
+    def _offsets_match_labels(self) -> ImportRequest:
+        if self.label_offsets is not None and len(self.label_offsets) != len(self.labels or []):
+            raise ValueError(
+                f"label_offsets has {len(self.label_offsets)} numbers for {len(self.labels or [])} labels: "
+                "give one per label, in the order of labels"
+            )
+        return self
 
     @field_validator("spread")
     @classmethod

@@ -135,6 +135,7 @@ class Worker:
             seed=p.seed,
             progress=progress,
             other_keys=other_keys,
+            labels=sorted({e.target for e in examples}),
         )
         heldout = None
         if p.heldout:

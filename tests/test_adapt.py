@@ -67,3 +67,25 @@ def test_bad_requests_are_refused(model):
         adapt_task(model, SHOTS, _protos(model), model.tasks, mode="magic")
     with pytest.raises(ValueError, match="at least one example"):
         adapt_task(model, [], _protos(model), model.tasks)
+
+
+def test_label_offsets_fit_the_examples_prior():
+    from pha_core.adapt import fit_label_offsets
+
+    # Every example prefers label 0 by 2 nats, but three of four are label 1: the fitted prior moves them over.
+    loglik = torch.tensor([[0.0, -2.0]] * 4)
+    offsets = fit_label_offsets(loglik, [1, 1, 1, 0], l2=0.0)
+    assert offsets.sum() == pytest.approx(0.0, abs=1e-6)  # centred: a constant changes no probability
+    p = torch.softmax(loglik[0] + torch.as_tensor(offsets), dim=0)
+    assert float(p[1]) == pytest.approx(0.75, abs=1e-3)  # the examples' share of label 1
+    assert abs(float(fit_label_offsets(loglik, [1, 1, 1, 0], l2=1.0)[1])) < abs(float(offsets[1]))  # shrunk
+
+
+def test_adaptation_with_labels_serves_its_fitted_prior(model):
+    labels = sorted({e.target for e in SHOTS})
+    result = adapt_task(model, SHOTS, _protos(model), model.tasks, steps=5, seed=0, labels=labels)
+    space = result.answers
+    assert space.words == tuple(labels) and space.offsets is not None and len(space.offsets) == len(labels)
+    assert adapt_task(model, SHOTS, _protos(model), model.tasks, steps=5, seed=0).answers is None
+    scores = score_adapted(model, result, SHOTS, _protos(model))
+    assert 0.0 <= scores["accuracy"] <= 1.0

@@ -63,6 +63,7 @@ class RegisteredTask:
     heldout: dict[str, float] | None = None
     template: str | None = None
     spread: list[float] | None = None  # [center, scale] of its examples' route cosines (typicality); None: none
+    label_offsets: list[float] | None = None  # one per label: its fitted log-likelihood offset; None: none
 
     @classmethod
     def adapted(
@@ -70,6 +71,8 @@ class RegisteredTask:
     ) -> RegisteredTask:
         """The record of a task `pha_core.adapt.adapt_task` made (extra: labels, heldout, template)."""
         spread = [result.spread.center, result.spread.scale] if result.spread is not None else None
+        if result.label_offsets is not None:
+            extra = {"labels": list(result.labels), "label_offsets": [float(x) for x in result.label_offsets], **extra}
         return cls(
             name=name,
             mode=result.mode,

@@ -54,6 +54,7 @@ def test_an_exported_task_imports_under_a_new_name_and_answers_like_the_original
         ({"template": "broken {"}, 422, "placeholders"),
         ({"spread": [0.8, 0.0]}, 422, "must be > 0"),
         ({"spread": [0.8]}, 422, "at least 2"),
+        ({"label_offsets": [0.5]}, 422, "one per label"),
     ],
 )
 def test_bad_imports_are_refused_and_nothing_is_registered(client, change, status, says):
@@ -77,3 +78,16 @@ def test_an_imported_spread_is_kept_and_exported(client):
     # The tiny model has no calibration: the spread is kept but no route is turned away for it.
     routed = client.post("/predict", json={"inputs": MNLI}).json()["predictions"][0]
     assert routed["route"]["typicality"] is None and routed["route"]["fits"] is True
+
+
+def test_imported_label_offsets_shift_the_probabilities_and_are_exported(client):
+    body = _export(client, "mnli")
+    offsets = [3.0, 0.0, -3.0]  # in the order of labels: the first label made e^3 more likely against the second
+    assert client.put("/prototypes/nli-prior", json={**body, "label_offsets": offsets}, headers=AUTH).status_code == 201
+    exported = client.get("/prototypes/nli-prior").json()
+    assert exported["label_offsets"] == pytest.approx(offsets)
+    plain = client.post("/predict", json={"inputs": MNLI, "task": "mnli"}).json()["predictions"][0]["probabilities"]
+    shifted = client.post("/predict", json={"inputs": MNLI, "task": "nli-prior"}).json()["predictions"][0]
+    first, second = body["labels"][0], body["labels"][1]
+    ratio = (shifted["probabilities"][first] / shifted["probabilities"][second]) / (plain[first] / plain[second])
+    assert ratio == pytest.approx(2.718281828**3, rel=1e-3)
