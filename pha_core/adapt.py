@@ -342,8 +342,10 @@ def score_adapted(
     from .tasks import TASKS
 
     task = heldout[0].task
-    if space is None:
-        space = result.answers if result.answers is not None else AnswerSpace.of_task(task) if task in TASKS else None
+    if space is None:  # what the server answers with: the task's registered labels and prior, else its table's
+        space = result.answers
+    if space is None and task in TASKS:
+        space = AnswerSpace.of_task(task)
 
     adapters = adapted_adapters(model, result)
     table = torch.cat(

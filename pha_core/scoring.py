@@ -25,6 +25,7 @@ prefix); rows of a batch may belong to different tasks, each with its own candid
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,6 +65,8 @@ class AnswerSpace:
             raise ValueError(f"candidates must be distinct, got {list(self.words)}")
         if self.offsets is not None and len(self.offsets) != len(self.words):
             raise ValueError(f"{len(self.offsets)} label offsets for {len(self.words)} labels")
+        if self.offsets is not None and not all(math.isfinite(x) for x in self.offsets):
+            raise ValueError("label offsets must be finite numbers")
         if self.regression:
             [float(w) for w in self.words]  # every bin must be a number
 
@@ -79,7 +82,11 @@ class AnswerSpace:
     def of_labels(cls, labels: Sequence[str] | None, offsets: Sequence[float] | None = None) -> AnswerSpace | None:
         if not labels:
             return None
-        return cls(tuple(labels), offsets=tuple(float(x) for x in offsets) if offsets is not None else None)
+        try:
+            values = None if offsets is None else tuple(float(x) for x in offsets)
+        except (TypeError, ValueError):
+            raise ValueError("label offsets must be finite numbers") from None
+        return cls(tuple(labels), offsets=values)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ import contextlib
 import ctypes
 import gc
 import logging
-import math
 import threading
 from datetime import datetime, timezone
 
@@ -27,6 +26,7 @@ import redis.asyncio as aioredis
 
 from pha_core.adapt import AdaptedTensors
 from pha_core.calibration import Spread
+from pha_core.scoring import AnswerSpace
 
 from .catalog import TaskCatalog, TaskEntry
 from .redis_client import connect_async
@@ -140,7 +140,11 @@ class RegistrySync:
             tensors = AdaptedTensors.from_bytes(change.tensors or b"", self.n_layers)
             if tensors.prototype.shape != tensors.key.shape:
                 raise ValueError("its prototype and key differ in size")
-            offsets = _label_offsets(task.labels, task.label_offsets)
+            offsets = None
+            if task.label_offsets is not None:  # one finite number per label, or the record is refused
+                if not task.labels:
+                    raise ValueError("it has label offsets but no labels")
+                offsets = AnswerSpace.of_labels(task.labels, task.label_offsets).offsets
         except ValueError as exc:
             self._refuse(task.name, f"registry record {task.name!r} (change {change.seq}) is not servable: {exc}")
             return None
@@ -164,21 +168,6 @@ class RegistrySync:
         self.refused[name] = error
         self.metrics.registry_errors.inc()
         log.error("registry record refused; the rest is served", extra={"task": name, "error": error})
-
-
-def _label_offsets(labels: list[str] | None, offsets: list[float] | None) -> tuple[float, ...] | None:
-    """A record's label offsets, checked: one finite number per label (ValueError names what is wrong)."""
-    if offsets is None:
-        return None
-    if not labels or len(offsets) != len(labels):
-        raise ValueError(f"it has {len(offsets)} label offsets for {len(labels or [])} labels")
-    try:
-        values = tuple(float(x) for x in offsets)
-    except (TypeError, ValueError):
-        raise ValueError("its label offsets are not all numbers") from None
-    if not all(math.isfinite(x) for x in values):
-        raise ValueError("its label offsets are not all finite")
-    return values
 
 
 @contextlib.contextmanager

@@ -135,7 +135,7 @@ class Worker:
             seed=p.seed,
             progress=progress,
             other_keys=other_keys,
-            labels=sorted({e.target for e in examples}),
+            labels=sorted({e.target for e in examples}),  # registered with the prior fitted on them
         )
         heldout = None
         if p.heldout:
@@ -146,7 +146,6 @@ class Worker:
             result,
             job_id=d.job_id,
             model_version=engine.model_version,
-            labels=sorted({e.target for e in examples}),
             heldout=heldout,
         )
         try:

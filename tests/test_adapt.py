@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from pha_core.adapt import adapt_task, adapted_adapters, choose_source, score_adapted
+from pha_core.adapt import _encode, adapt_task, adapted_adapters, choose_source, score_adapted
+from pha_core.adapters import AdapterWeights
 from pha_core.model import PHAModel
+from pha_core.scoring import AnswerSpace, rank
 from pha_core.tasks import Example
 from tests.support.tiny import tiny_config
 
@@ -87,5 +89,17 @@ def test_adaptation_with_labels_serves_its_fitted_prior(model):
     space = result.answers
     assert space.words == tuple(labels) and space.offsets is not None and len(space.offsets) == len(labels)
     assert adapt_task(model, SHOTS, _protos(model), model.tasks, steps=5, seed=0).answers is None
-    scores = score_adapted(model, result, SHOTS, _protos(model))
-    assert 0.0 <= scores["accuracy"] <= 1.0
+    # The prior was fitted to lower CE on the examples (b = 0 is a candidate of the fit): served with it, the
+    # examples' mean log-probability of their own label is at least that without it.
+    _, (hidden, mask), _ = _encode(model, SHOTS)
+    layers = [
+        AdapterWeights(*(t.expand(len(SHOTS), *t.shape[1:]) for t in w.tensors()))
+        for w in adapted_adapters(model, result).layers
+    ]
+
+    def own_label_logp(answer_space):
+        with torch.no_grad():
+            scored = rank(model, hidden, mask, layers, [answer_space] * len(SHOTS))
+        return float(np.mean([np.log(s.probabilities[e.target]) for s, e in zip(scored, SHOTS, strict=True)]))
+
+    assert own_label_logp(space) >= own_label_logp(AnswerSpace(tuple(labels))) - 1e-6

@@ -109,6 +109,12 @@ def test_answer_space_refuses_bad_candidates():
     with pytest.raises(ValueError):
         AnswerSpace(("low", "high"), regression=True)
     assert AnswerSpace.of_labels(None) is None
+    with pytest.raises(ValueError, match="1 label offsets for 2 labels"):
+        AnswerSpace.of_labels(["yes", "no"], [0.5])
+    with pytest.raises(ValueError, match="finite"):
+        AnswerSpace.of_labels(["yes", "no"], [0.5, float("nan")])
+    with pytest.raises(ValueError, match="finite"):
+        AnswerSpace.of_labels(["yes", "no"], [0.5, None])
 
 
 def test_greedy_decoding_stays_available(model):

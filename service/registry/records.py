@@ -69,10 +69,10 @@ class RegisteredTask:
     def adapted(
         cls, name: str, result: AdaptResult, *, job_id: str, model_version: str, **extra: object
     ) -> RegisteredTask:
-        """The record of a task `pha_core.adapt.adapt_task` made (extra: labels, heldout, template)."""
+        """The record of a task `pha_core.adapt.adapt_task` made, with its labels and their fitted offsets
+        (extra: heldout, template)."""
         spread = [result.spread.center, result.spread.scale] if result.spread is not None else None
-        if result.label_offsets is not None:
-            extra = {"labels": list(result.labels), "label_offsets": [float(x) for x in result.label_offsets], **extra}
+        offsets = None if result.label_offsets is None else [float(x) for x in result.label_offsets]
         return cls(
             name=name,
             mode=result.mode,
@@ -84,6 +84,8 @@ class RegisteredTask:
             steps=result.steps,
             final_loss=result.final_loss,
             spread=spread,
+            labels=list(result.labels) if result.labels is not None else None,
+            label_offsets=offsets,
             **extra,
         )
 

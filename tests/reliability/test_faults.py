@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 from reliability_helpers import (
@@ -303,6 +304,23 @@ def test_corrupt_records_and_an_unreadable_store_are_refused_and_the_rest_served
         refused("tensors that are not safetensors", "'third'", "not servable")
         assert client.get("/prototypes/third").status_code == 404
 
+        # Sound tensors, but two label offsets for three labels: refused as not servable, never answered with.
+        from pha_core.adapt import AdaptedTensors
+
+        vector = np.ones(16, dtype=np.float32)
+        tensors = AdaptedTensors(vector, vector, None).to_bytes()
+        odd = RegisteredTask(
+            name="fourth",
+            mode="prototype",
+            job_id="job-4",
+            model_version=model,
+            labels=["a", "b", "c"],
+            label_offsets=[0.5, -0.5],
+        ).to_json()
+        _raw_row(registry, "fourth", 5, odd, tensors, digest(odd, tensors))
+        refused("label offsets that do not fit the labels", "'fourth'", "2 label offsets for 3 labels")
+        assert client.get("/prototypes/fourth").status_code == 404
+
         # The file's header zeroed: a replica starting on it starts (trained tasks), says why, and serves.
         with sqlite3.connect(registry / "registry.sqlite3") as db:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file, none in the WAL
@@ -320,4 +338,4 @@ def test_corrupt_records_and_an_unreadable_store_are_refused_and_the_rest_served
     print(f"REGISTRY faults_injected={len(errors_seen)} errors_counted={total_errors:.0f} last_good_served=yes")
     for case, error in errors_seen.items():
         print(f"  {case}: {error}")
-    assert follower_alive and len(errors_seen) == 3
+    assert follower_alive and len(errors_seen) == 4  # every injected fault was noticed and named
