@@ -89,12 +89,12 @@ def pretrain(values: dict[str, Any]) -> None:
 
 def fit_content(model, splits: dict[str, dict[str, list]]):
     """The content bank of a model's tasks: training texts in the bank, validation texts for its quantiles."""
-    from pha_core.content import content_vectors, fit_content_bank
+    from pha_core.content import embed_texts, fit_content_bank
 
     def texts(split: str) -> dict[str, list[str]]:
         return {t: [e.input for e in s[split]] for t, s in splits.items()}
 
-    return fit_content_bank(lambda rows: content_vectors(model, rows), texts("train"), texts("validation"))
+    return fit_content_bank(lambda rows: embed_texts(model.eval(), rows), texts("train"), texts("validation"))
 
 
 def _held_out(checkpoint: str, tasks: list[str], data_dir: str | None, rows: int, n_train: int = 1):

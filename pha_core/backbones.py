@@ -17,7 +17,6 @@ Two families:
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import re
 from dataclasses import dataclass
@@ -109,11 +108,15 @@ class Backbone(nn.Module):
     def encoder_ffn_sites(self) -> list[FFNSite]:
         raise NotImplementedError
 
-    def encode_first_layers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: int) -> torch.Tensor:
-        """Hidden states [B, T, d] after the encoder's first `layers` layers (the content check reads them).
-        This runs them all and keeps one; backbones that can stop early do (MiniLMBackbone)."""
+    def encode_with_layer(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode`, and the states [B, T, d] after the encoder's first `layer` layers, from the same pass (the
+        content check reads them: pha_core/content.py). Layer 0 is the embeddings."""
         out = self.frozen_encoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return out.hidden_states[layers]
+        if not 0 <= layer < len(out.hidden_states):
+            raise ValueError(f"the encoder has {len(out.hidden_states) - 1} layers, not {layer}")
+        return out.last_hidden_state, out.hidden_states[layer]
 
     def frozen_encoder(self) -> nn.Module:
         """The encoder stack (frozen in every PHA setting; its adapters sit inside it but have no dropout)."""
@@ -192,7 +195,6 @@ class MiniLMBackbone(Backbone):
         )
         self.decoder = BertLMHeadModel(dec_cfg)
         self._cache_kw = cache_kwarg(self.decoder)
-        self._shallow: dict[int, nn.Module] = {}  # encode_first_layers' views of the encoder, by depth
         self._warm_start_decoder()
         if cfg.decoder_init != "warm_start":
             self._load_pretrained_decoder(cfg)
@@ -251,27 +253,6 @@ class MiniLMBackbone(Backbone):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    def encode_first_layers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: int) -> torch.Tensor:
-        return self._first_layers(layers)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    def _first_layers(self, layers: int) -> nn.Module:
-        """A BERT of the encoder's first `layers` layers: the same modules (and adapters), not copies. Held in a
-        plain dict, not as a submodule, so the state dict and `.to()` see each parameter once."""
-        from transformers import BertModel
-
-        shallow = self._shallow.get(layers)
-        if shallow is None:
-            if not 1 <= layers <= len(self.encoder.encoder.layer):
-                raise ValueError(f"the encoder has {len(self.encoder.encoder.layer)} layers, not {layers}")
-            cfg = copy.deepcopy(self.encoder.config)
-            cfg.num_hidden_layers = layers
-            with torch.device("meta"):  # no weights are made: every module is replaced by the encoder's own
-                shallow = BertModel(cfg, add_pooling_layer=False)
-            shallow.embeddings = self.encoder.embeddings
-            shallow.encoder.layer = nn.ModuleList(self.encoder.encoder.layer[:layers])
-            self._shallow[layers] = shallow
-        return shallow
 
     def decode(self, decoder_input_ids, encoder_hidden, encoder_mask, cache=None, use_cache=False):
         states, cache = self.decode_states(decoder_input_ids, encoder_hidden, encoder_mask, cache, use_cache)

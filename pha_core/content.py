@@ -2,24 +2,28 @@
 
 Routing (Eq. 10) and its typicality (calibration.py) read z, which the retriever was trained to pull towards
 some prototype: an input of no task's kind written in a task's template ("sentence: asdkjh qwe") lands near
-that task's key as readily as the task's own rows do. The content check asks a second, independent question
-of the same frozen encoder: embed the input's text without its template markers, adapters off, mean-pooled
-over its first LAYERS layers and L2-normalised, and compare it with a bank of the task's training texts
-embedded the same way. The score is the cosine to the K-th nearest bank row (a k-NN density
-estimate: Sun et al. 2022, "Out-of-distribution detection with deep nearest neighbors"), and its typicality,
-as for the cosine, is a conformal p-value: the share of the task's held-out rows whose score is at most this
-one's.
+that task's key as readily as the task's own rows do. The content check asks a second question of the same
+encoder pass: the input's states after the encoder's first LAYER layers (shared adapters on, the text as
+served, template markers included), mean-pooled over its tokens and L2-normalised, compared with a bank of the
+task's training texts embedded the same way. The score is the cosine to the K-th nearest bank row (a k-NN
+density estimate: Sun et al. 2022, "Out-of-distribution detection with deep nearest neighbors"), and its
+typicality, as for the cosine, is a conformal p-value: the share of the task's held-out rows whose score is at
+most this one's.
 
-Measured on the demo (bench/routing.py, docs/results.md section 5), at the served threshold 0.02: 0.902 of
-the out-of-distribution test set answered "no task fits" with 0.975 of the GLUE test rows still routed; the
-cosine typicality alone: 0.808 and 0.971. Tasks without a bank (adapted ones: a handful of rows is no density
+The states come from the pass that serves the input (PHAModel.encode_keeping), so the check costs a mean and a
+matrix product, not an encoder pass. Until session 10 it was a second pass of the frozen encoder (adapters
+off) over the text without its markers, layer 3: a third of a routed input's model time on the CPU.
+Measured on the demo (runs of session 10; docs/results.md section 5 has the served figures), at the served
+threshold 0.02, over the OOD inputs written in a task's template (the others fit no template and are turned
+away before any check) and the GLUE test rows: dev half, layer 1 / 2 / 3 / 4 / 6 of this pass: GLUE rows kept
+0.984 / 0.989 / 0.985 / 0.969 / 0.981, template-shaped OOD turned away 0.70 / 0.76 / 0.73 / 0.51 / 0.28; the
+previous second pass 0.973 / 0.69. Tasks without a bank (adapted ones: a handful of rows is no density
 estimate) are judged by the cosine typicality.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +32,6 @@ import numpy as np
 
 from .calibration import LEVELS
 from .files import write_atomic
-from .tasks import FIELD_MARKERS
 
 # Bank rows per task: the first rows of the training sample. 250 x 384 fp16 = 192 KB a task; on the demo, 1000
 # rows a task did not turn away more out-of-distribution inputs at the same coverage (runs/, session 8).
@@ -36,49 +39,40 @@ BANK_ROWS = 250
 # Neighbours the score reads: the K-th nearest bank row. K = 1 follows single near-duplicates (an OOD text
 # that happens to resemble one training row); 10 of 250 measured best on the demo's OOD dev half.
 K = 10
-# Encoder layers the content embedding reads: the first 3 of MiniLM's 6, half an encoder pass. On the demo's
-# OOD dev half, layer by layer at the served threshold (GLUE test rows kept / OOD turned away): 1: 0.983 /
-# 0.81, 2: 0.984 / 0.88, 3: 0.977 / 0.93, 4: 0.966 / 0.93, 5: 0.972 / 0.85, 6 (the sentence embedding):
-# 0.975 / 0.91. Mid layers keep more of the surface (language, script, code punctuation) the last layers
-# trade for meaning.
-LAYERS = 3  # or the whole encoder, when it is shallower
+# Encoder layer the content vector reads (of MiniLM's 6), chosen on the demo's OOD dev half (module docstring):
+# early layers keep the surface (language, script, code punctuation) the last layers trade for meaning.
+LAYER = 2  # or the last layer, when the encoder is shallower
+# What a bank's vectors are; a bank fitted on other vectors is refused (its quantiles would not fit).
+VECTORS = "encoder pass, layer 2, adapters on, markers kept"
 FILE = "content_bank.npz"
 
-_MARKERS = re.compile(r"(?<!\S)(?:" + "|".join(re.escape(m) for m in FIELD_MARKERS) + r")\s*")
+
+def content_layer(model) -> int:
+    return min(LAYER, model.n_encoder_layers)
 
 
-def content_text(text: str) -> str:
-    """The input without its template's field markers ("premise: a hypothesis: b" -> "a b")."""
-    return " ".join(_MARKERS.sub(" ", text).split())
-
-
-def content_source(model, texts: Sequence[str]):
-    """The tokenised encoder input of the content check: each text without its markers, as one sequence."""
-    from .source import make_source
-
-    return make_source(model.backbone, [content_text(t) for t in texts], model.config.max_source_length, False)
-
-
-def content_vectors(model, texts: Sequence[str], source=None) -> np.ndarray:
-    """Unit content vectors [B, d] of formatted inputs: the frozen encoder's first LAYERS layers (adapters off)
-    over each text without its markers, mean-pooled; the same whatever the model's `encoding`. `source`:
-    content_source(texts), when the caller tokenised already."""
+def content_vectors(states, source) -> np.ndarray:
+    """Unit content vectors [B, d]: each input's states at the content layer [N, L, d] (source rows, from
+    PHAModel.encode_keeping) averaged over all of its real tokens, every field's, and L2-normalised."""
     import torch
 
-    from .retriever import masked_mean
-    from .source import encode_by_length
-
-    if not texts:
-        return np.zeros((0, model.backbone.d_model), dtype=np.float32)
-    source = (source if source is not None else content_source(model, texts)).to(model.device)
-    with torch.inference_mode(), model.adapter_switch.off():
-
-        def first_layers(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return model.backbone.encode_first_layers(ids, mask, min(LAYERS, model.n_encoder_layers))
-
-        hidden = encode_by_length(first_layers, source)
-        pooled = masked_mean(hidden, source.segment_mask).float()
+    flat = states.reshape(-1, states.size(-1))[source.token_index].float()  # [B, T, d], one row per input
+    weights = source.token_mask.unsqueeze(-1).to(flat.dtype)
+    pooled = (flat * weights).sum(1) / weights.sum(1).clamp_min(1.0)
     return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+
+
+def embed_texts(model, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """Content vectors of formatted inputs, as serving computes them (bank fitting, checks)."""
+    import torch
+
+    out = [np.zeros((0, model.backbone.d_model), dtype=np.float32)]
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            source = model.source(list(texts[start : start + batch_size]))
+            *_, states = model.encode_keeping(source, content_layer(model))
+            out.append(content_vectors(states, source))
+    return np.concatenate(out)
 
 
 def kth_nearest(vectors: np.ndarray, bank: np.ndarray) -> np.ndarray:
@@ -120,7 +114,7 @@ class ContentBank:
         path = Path(directory) / FILE
         arrays = {f"vectors/{t}": b.vectors.astype(np.float16) for t, b in self.banks.items()}
         arrays |= {f"quantiles/{t}": b.quantiles.astype(np.float64) for t, b in self.banks.items()}
-        meta = json.dumps({"k": K, "levels": list(LEVELS)})
+        meta = json.dumps({"k": K, "levels": list(LEVELS), "vectors": VECTORS})
 
         def write(tmp: Path) -> None:
             with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to the temp name
@@ -149,6 +143,11 @@ class ContentBank:
             raise ValueError(f"{path} is not a valid content bank ({exc}); refit it with `pha calibrate`") from exc
         if meta.get("levels") != list(LEVELS):
             raise ValueError(f"{path} was fitted at other levels; refit it with `pha calibrate`")
+        if meta.get("vectors") != VECTORS:
+            raise ValueError(
+                f"{path} holds other content vectors ({meta.get('vectors', 'a second pass, layer 3')!r}, not "
+                f"{VECTORS!r}); refit it with `pha calibrate`"
+            )
         for task, bank in banks.items():
             if bank.quantiles.shape != (len(LEVELS),) or bank.vectors.ndim != 2 or not len(bank.vectors):
                 raise ValueError(f"{path}: the bank of {task!r} is malformed; refit it with `pha calibrate`")
@@ -162,7 +161,7 @@ def fit_content_bank(
 ) -> ContentBank:
     """Banks from each task's first BANK_ROWS training texts, quantiles from its held-out texts.
 
-    `embed` maps formatted inputs to unit content vectors (Engine.content_vectors)."""
+    `embed` maps formatted inputs to unit content vectors (embed_texts)."""
     banks = {}
     for task, texts in train.items():
         rows, checks = list(texts[:BANK_ROWS]), list(held_out.get(task, ()))

@@ -19,7 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .adapters import AdapterWeights
-from .content import content_source, content_vectors
+from .content import content_layer, content_vectors
 from .model import PHAModel
 from .scoring import AnswerSpace, Scored, candidate_ids, rank
 
@@ -61,11 +61,13 @@ class AdapterSet:
 
 @dataclass
 class Encoded:
-    """An encoded batch. `z` is the retriever's output (None for variants without a retriever)."""
+    """An encoded batch. `z` is the retriever's output (None for variants without a retriever); `content` the
+    unit content vectors of the same pass (content.py; None with the adapters off)."""
 
     hidden: torch.Tensor
     mask: torch.Tensor
     z: np.ndarray | None
+    content: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.hidden.size(0)
@@ -74,7 +76,8 @@ class Encoded:
         """The encoded inputs at `rows`, in that order."""
         index = torch.tensor(rows, dtype=torch.long, device=self.hidden.device)
         z = None if self.z is None else self.z[rows]
-        return Encoded(self.hidden.index_select(0, index), self.mask.index_select(0, index), z)
+        content = None if self.content is None else self.content[rows]
+        return Encoded(self.hidden.index_select(0, index), self.mask.index_select(0, index), z, content)
 
 
 @torch.inference_mode()
@@ -150,17 +153,11 @@ class Engine:
             with self.model.adapter_switch.off():
                 hidden, mask = self.model.encode(source)
                 return Encoded(hidden, mask, None)
-        hidden, mask = self.model.encode(source)
+        hidden, mask, states = self.model.encode_keeping(source, content_layer(self.model))
         z = None
         if self.model.retriever is not None:
             z = self.model.instance_vectors(hidden, mask).float().cpu().numpy()
-        return Encoded(hidden, mask, z)
-
-    def content_vectors(self, texts: list[str]) -> np.ndarray:
-        """Unit content vectors of `texts` (content.py: frozen encoder, markers stripped): the content check."""
-        with self._tokenizer_lock:
-            source = content_source(self.model, texts)
-        return content_vectors(self.model, texts, source)
+        return Encoded(hidden, mask, z, content_vectors(states, source))
 
     def adapters_for_prototype(self, prototype: np.ndarray) -> AdapterSet:
         return prototype_adapters(self.model, prototype)

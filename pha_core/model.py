@@ -114,23 +114,35 @@ class PHAModel(nn.Module):
     def encode(self, source: Source, task_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """What the decoder reads, (memory [B, T, d], mask [B, T]): encoder states with the encoder adapters
         (per task only for the Hyperformer baseline), assembled per input as `config.encoding` says."""
+        memory, mask, _ = self._encode(source, task_ids, None)
+        return memory, mask
+
+    def encode_keeping(self, source: Source, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`encode`, and the encoder's states after its first `layer` layers [N, L, d] (in source rows), from the
+        same pass: the serving-time content check reads them (content.py) at no extra encoder cost."""
+        return self._encode(source, None, layer)
+
+    def _encode(self, source: Source, task_ids: torch.Tensor | None, layer: int | None):
         enc_weights = None
         if self.method.encoder_adapters == "generated":
             if task_ids is None:
                 raise ValueError(f"the {self.method.name} variant needs the task of every input")
             enc_weights = [w.index_select(source.owner) for w in self._generated_weights(task_ids)]
             enc_weights = enc_weights[: self.n_encoder_layers]
+        bb = self.backbone
+        run = bb.encode if layer is None else (lambda ids, mask: bb.encode_with_layer(ids, mask, layer))
         with self.encoder_context.use(enc_weights):
             # One call for per-row encoder adapters, and for joint training batches (length buckets already,
             # collate.collate_buckets); fields, and inference batches that mix lengths (a serving batch mixes
             # tasks: real GLUE rows of 10 to 250 tokens) go in length-sorted chunks that pad far less.
             if enc_weights is not None or (self.field_tokens is None and self.training):
-                hidden = self.backbone.encode(source.segment_ids, source.segment_mask)
+                out = run(source.segment_ids, source.segment_mask)
             else:
-                hidden = encode_by_length(self.backbone.encode, source)
+                out = encode_by_length(run, source)
+        hidden, kept = out if layer is not None else (out, None)
         if self.field_tokens is None:
-            return joint_memory(hidden, source)
-        return self.field_tokens(hidden, source)
+            return (*joint_memory(hidden, source), kept)
+        return (*self.field_tokens(hidden, source), kept)
 
     def instance_vectors(self, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """z = G(mean(h)) (Eq. 2)."""

@@ -159,12 +159,13 @@ class FieldTokens(nn.Module):
         return memory, mask
 
 
-def encode_by_length(encode, source: Source, token_budget: int = 2048) -> torch.Tensor:
+def encode_by_length(encode, source: Source, token_budget: int = 2048):
     """`encode(ids, mask)` over the source's rows in length-sorted chunks, each cut to its own longest row.
 
     The fields of one input differ in length (an RTE premise ~50 tokens, its hypothesis ~10), so padding every
     field of a batch to the longest one cost ~19% more encoder tokens than the joint text did (the GLUE mix).
-    Returns [N, L, d] in the source's row order; what stands at padded positions is masked everywhere.
+    `encode` returns states [n, l, d], or a tuple of them (backbone.encode_with_layer); so does this, each
+    [N, L, d] in the source's row order. What stands at padded positions is masked everywhere.
     """
     ids, mask = source.segment_ids, source.segment_mask
     lengths = mask.sum(1)
@@ -178,16 +179,21 @@ def encode_by_length(encode, source: Source, token_budget: int = 2048) -> torch.
         chunks[-1].append(row)
     if len(chunks) == 1:
         return encode(ids, mask)
-    parts, rows = [], []
+    outputs, rows, several = [], [], False
     for chunk in chunks:
         index = torch.tensor(chunk, device=ids.device)
         width = int(lengths[index].max())
-        parts.append(encode(ids[index, :width], mask[index, :width]))
+        out = encode(ids[index, :width], mask[index, :width])
+        several = isinstance(out, tuple)
+        outputs.append(out if several else (out,))
         rows.append(index)
-    hidden = parts[-1].new_zeros(ids.size(0), ids.size(1), parts[-1].size(-1))
-    for index, part in zip(rows, parts, strict=True):
-        hidden[index, : part.size(1)] = part
-    return hidden
+    merged = []
+    for k, last in enumerate(outputs[-1]):
+        states = last.new_zeros(ids.size(0), ids.size(1), last.size(-1))
+        for index, out in zip(rows, outputs, strict=True):
+            states[index, : out[k].size(1)] = out[k]
+        merged.append(states)
+    return tuple(merged) if several else merged[0]
 
 
 def joint_memory(hidden: torch.Tensor, source: Source) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,7 +106,7 @@ class Pipeline:
         encoded = await self.runner(self.engine.encode, texts)
         routes = await self.route(encoded.z[to_route], [items[i].among for i in to_route]) if to_route else []
         by_item = dict(zip(to_route, routes, strict=True))
-        content = await self._content_typicality(items, by_item)
+        content = self._content_typicality(encoded.content, by_item)
         self.metrics.phase_seconds.labels("encode_route").observe(time.perf_counter() - start)
 
         decisions = self._decide(items, by_item, content)
@@ -145,21 +145,18 @@ class Pipeline:
                 routes[i] = route
         return routes  # type: ignore[return-value]
 
-    async def _content_typicality(self, items: list[WorkItem], routes: dict[int, Route]) -> dict[int, float]:
-        """The content check (pha_core/content.py) of the routed items whose task has a bank: one more encoder
-        pass, adapters off, over those items' texts."""
+    def _content_typicality(self, vectors: np.ndarray | None, routes: dict[int, Route]) -> dict[int, float]:
+        """The content check (pha_core/content.py) of the routed items whose task has a bank, from the content
+        vectors the encoder pass made: a k-NN lookup in the task's bank, no model call."""
         bank = self.policy.content
-        if bank is None:
+        if bank is None or vectors is None:
             return {}
         checked = [i for i, route in routes.items() if route.task in bank]
-        if not checked:
-            return {}
-        vectors = await self.runner(self.engine.content_vectors, [items[i].text for i in checked])
         out: dict[int, float] = {}
         for task in {routes[i].task for i in checked}:
-            rows = [j for j, i in enumerate(checked) if routes[i].task == task]
-            for j, value in zip(rows, bank.typicality(task, vectors[rows]).tolist(), strict=True):
-                out[checked[j]] = value
+            rows = [i for i in checked if routes[i].task == task]
+            for i, value in zip(rows, bank.typicality(task, vectors[rows]).tolist(), strict=True):
+                out[i] = value
         return out
 
     def _decide(

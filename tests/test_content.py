@@ -1,4 +1,4 @@
-"""The content check: markers stripped, k-NN typicality as a conformal p-value, banks that round-trip."""
+"""The content check: vectors from the serving pass, k-NN typicality as a conformal p-value, banks that round-trip."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pha_core.calibration import LEVELS
-from pha_core.content import BANK_ROWS, FILE, ContentBank, K, TaskBank, content_text, fit_content_bank
+from pha_core.content import BANK_ROWS, FILE, ContentBank, K, TaskBank, fit_content_bank
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -15,12 +15,6 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def _cloud(rng: np.random.Generator, center: np.ndarray, n: int, spread: float = 0.3) -> np.ndarray:
     return _unit(center + spread * rng.standard_normal((n, center.size)))
-
-
-def test_content_text_drops_the_field_markers_and_keeps_the_words():
-    assert content_text("premise: A man sleeps. hypothesis: Nobody sleeps.") == "A man sleeps. Nobody sleeps."
-    assert content_text("sentence:   a  film") == "a film"
-    assert content_text("no markers here: just text") == "no markers here: just text"
 
 
 def test_typicality_is_about_uniform_for_the_tasks_own_rows_and_zero_far_away():
@@ -65,25 +59,50 @@ def test_a_bank_needs_training_and_held_out_rows():
         fit_content_bank(lambda rows: np.ones((len(rows), 4)), {"a": ["x"]}, {"a": []})
 
 
+def test_a_bank_of_other_vectors_is_refused_with_what_to_do(tmp_path):
+    import json
+
+    bank = ContentBank({"sst2": TaskBank(np.eye(4, dtype=np.float32), np.sort(np.linspace(0, 1, len(LEVELS))))})
+    path = bank.save(tmp_path)
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["meta"] = np.array(json.dumps({"k": K, "levels": list(LEVELS)}))  # a bank of an older version
+    with path.open("wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(ValueError, match="other content vectors.*pha calibrate"):
+        ContentBank.load(tmp_path)
+
+
 @pytest.mark.parametrize("kind", ["minilm", "t5"])
-def test_content_vectors_read_the_frozen_encoders_first_layers_on_either_backbone(kind):
+@pytest.mark.parametrize("encoding", ["joint", "fields"])
+def test_content_vectors_are_the_serving_pass_states_at_the_content_layer(kind, encoding):
     import torch
 
-    from pha_core.content import content_vectors
+    from pha_core.content import content_layer, embed_texts
+    from pha_core.inference import Engine
     from pha_core.model import PHAModel
     from tests.support.tiny import tiny_config
 
     torch.manual_seed(0)
-    model = PHAModel(tiny_config(kind)).eval()
-    texts = ["sentence: a fine film", "premise: a man sleeps. hypothesis: nobody sleeps."]
-    vectors = content_vectors(model, texts)
+    model = PHAModel(tiny_config(kind, encoding=encoding)).eval()
+    for adapter in model.encoder_adapters:  # adapters that change the states: the check reads them
+        torch.nn.init.normal_(adapter.up.weight, std=0.1)
+    texts = ["sentence: a fine film", "premise: a man sleeps. hypothesis: nobody sleeps at all today."]
+    vectors = embed_texts(model, texts)
     assert vectors.shape == (2, model.backbone.d_model) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
-    # the markers are not read: the same words without them give the same vector
-    assert np.allclose(content_vectors(model, ["a fine film"]), vectors[:1], atol=1e-6)
-    # the shallow view is the full encoder's state at that depth, adapters off, and adds no parameters
-    ids = model.backbone.tokenize(["a fine film"], 16)
-    with torch.inference_mode(), model.adapter_switch.off():
-        shallow = model.backbone.encode_first_layers(ids["input_ids"], ids["attention_mask"], 1)
-        full = model.backbone.frozen_encoder()(**ids, output_hidden_states=True).hidden_states[1]
-    assert torch.allclose(shallow, full, atol=1e-6)
-    assert len(model.state_dict()) == len(PHAModel(tiny_config(kind)).state_dict())
+    # what serving computes from its one pass, whatever else is in the batch
+    served = Engine(model).encode(texts)
+    assert np.allclose(served.content, vectors, atol=1e-5)
+    assert np.allclose(embed_texts(model, texts[:1]), vectors[:1], atol=1e-5)
+    # the mean over the text's tokens of the encoder's states at that layer, adapters on (joint: one row)
+    if encoding == "joint":
+        ids = model.backbone.tokenize(texts[:1], 32)
+        with torch.inference_mode():
+            out = model.backbone.frozen_encoder()(**ids, output_hidden_states=True)
+            with model.adapter_switch.off():
+                plain = model.backbone.frozen_encoder()(**ids, output_hidden_states=True)
+        layer = content_layer(model)
+        expect = torch.nn.functional.normalize(out.hidden_states[layer][0].mean(0), dim=0).numpy()
+        assert np.allclose(vectors[0], expect, atol=1e-5)
+        unadapted = torch.nn.functional.normalize(plain.hidden_states[layer][0].mean(0), dim=0).numpy()
+        assert not np.allclose(vectors[0], unadapted, atol=1e-3)

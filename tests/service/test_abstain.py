@@ -66,14 +66,14 @@ def content_checked(tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint with every route cosine typical, and content banks under which the SST-2 text is
     unlike every sst2 training text (its bank is the text's opposite) and the RTE text like rte's (itself)."""
     from pha_core.checkpoint import load_checkpoint
-    from pha_core.content import ContentBank, TaskBank, content_vectors
+    from pha_core.content import ContentBank, TaskBank, embed_texts
 
     path = tmp_path_factory.mktemp("content") / "tiny"
     shutil.copytree(tiny_checkpoint, path)
     spreads = {"sst2": Spread(center=-5.0, scale=0.01), "rte": Spread(center=-5.0, scale=0.01)}
     quantiles = tuple(float(x) for x in range(-len(LEVELS) // 2, len(LEVELS) - len(LEVELS) // 2))
     RouteCalibration(quantiles, slope=10.0, intercept=0.0, spreads=spreads, rows=100).save(path)
-    sst2, rte = content_vectors(load_checkpoint(path), [SST2, RTE])
+    sst2, rte = embed_texts(load_checkpoint(path).eval(), [SST2, RTE])
     levels = np.linspace(-0.9, 0.9, len(LEVELS))
     ContentBank({"sst2": TaskBank(-sst2[None, :], levels), "rte": TaskBank(rte[None, :], levels)}).save(path)
     return path
