@@ -216,23 +216,41 @@ def server_side(before: dict[str, float], after: dict[str, float]) -> dict:
 
 
 def load_test(args: argparse.Namespace, base: str) -> tuple[list[dict], dict[str, list[str]], str]:
+    """Every (max_new_tokens, concurrency, scenario) cell, `--rounds` times over in rounds, so that a VM whose
+    speed drifts over minutes slows every scenario alike; each cell reports its median round."""
     by_task, kind = inputs_by_task(base, args.rows)
     single = args.single_task if args.single_task in by_task else next(iter(by_task))
-    rows = []
-    for max_new in args.max_new_tokens:
-        for concurrency in args.concurrency:
-            for scenario in SCENARIOS:
-                requests = bodies(scenario, by_task, single, max_new)
-                before = scrape(base)
-                result = asyncio.run(drive(base, requests, concurrency, args.duration))
-                row = {"scenario": scenario, "concurrency": concurrency, "max_new_tokens": max_new, **result}
-                row["inputs"] = [body["inputs"] for body in requests]  # count_tokens pops it
-                row.update(server_side(before, scrape(base)))
-                if scenario == "pha_single":
-                    row["task"] = single
-                rows.append(row)
-                print(f"  done: {scenario} c={concurrency} max_new_tokens={max_new}: {row['rps']} req/s", flush=True)
-    return rows, by_task, kind
+    cells: dict[tuple[int, int, str], list[dict]] = {}
+    for round_ in range(args.rounds):
+        for max_new in args.max_new_tokens:
+            for concurrency in args.concurrency:
+                for scenario in SCENARIOS:
+                    row = run_cell(args, base, scenario, concurrency, max_new, by_task, single)
+                    cells.setdefault((max_new, concurrency, scenario), []).append(row)
+                    print(
+                        f"  done (round {round_ + 1}/{args.rounds}): {scenario} c={concurrency} "
+                        f"max_new_tokens={max_new}: {row['rps']} req/s",
+                        flush=True,
+                    )
+    return [median_round(rounds) for rounds in cells.values()], by_task, kind
+
+
+def run_cell(args, base: str, scenario: str, concurrency: int, max_new: int, by_task, single: str) -> dict:
+    requests = bodies(scenario, by_task, single, max_new)
+    before = scrape(base)
+    result = asyncio.run(drive(base, requests, concurrency, args.duration))
+    row = {"scenario": scenario, "concurrency": concurrency, "max_new_tokens": max_new, **result}
+    row["inputs"] = [body["inputs"] for body in requests]  # count_tokens pops it
+    row.update(server_side(before, scrape(base)))
+    if scenario == "pha_single":
+        row["task"] = single
+    return row
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """The round with the median throughput (the lower middle one for an even count), with every round's."""
+    row = sorted(rounds, key=lambda r: r["rps"])[(len(rounds) - 1) // 2]
+    return {**row, "rps_rounds": [r["rps"] for r in rounds]}
 
 
 def count_tokens(rows: list[dict], engine) -> None:
@@ -455,6 +473,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--duration", type=float, default=20.0, help="seconds per (scenario, concurrency) cell")
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every cell this many times, in rounds (scenarios interleaved); each reports its median round",
+    )
+    p.add_argument(
         "--max-new-tokens",
         type=int,
         nargs="+",
@@ -529,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_batch_size": args.max_batch_size,
             "max_wait_ms": args.max_wait_ms,
         },
-        "settings": {"duration_s": args.duration, "quick": args.quick, "inputs": kind},
+        "settings": {"duration_s": args.duration, "rounds": args.rounds, "quick": args.quick, "inputs": kind},
         "encoder_alone": encoder,
         "load": rows,
         "summary": summary,

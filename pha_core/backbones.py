@@ -52,6 +52,22 @@ def output_cache(out: object, kwarg: str) -> object | None:
     return getattr(out, kwarg, None)
 
 
+def select_cache_rows(cache: object, index: torch.Tensor) -> None:
+    """Keep (or repeat) the cache rows `index` names, in place: `batch_select_indices`, with `index_select`
+    instead of the advanced indexing transformers uses, which copies a scoring pass's cross-attention keys and
+    values to its (row, candidate) pairs ~4x slower on the CPU (0.87 vs 0.19 ms for [8, 12, 162, 32] -> 18
+    rows, measured on 2 cores)."""
+    parts = [getattr(cache, n) for n in ("self_attention_cache", "cross_attention_cache") if hasattr(cache, n)]
+    layers = [layer for part in parts or [cache] for layer in getattr(part, "layers", None) or ()]
+    if not layers or not all(hasattr(layer, "keys") and hasattr(layer, "get_seq_length") for layer in layers):
+        cache.batch_select_indices(index)  # a cache of another layout: its own method
+        return
+    for layer in layers:
+        if layer.get_seq_length() > 0:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+
+
 class Backbone(nn.Module):
     """What every backbone provides. Subclasses set the attributes in their __init__."""
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import WRAPPERS, Adapter, AdapterContext, AdapterSwitch, AdapterWeights, GeneratedAdapter
-from .backbones import Backbone, build_backbone
+from .backbones import Backbone, build_backbone, select_cache_rows
 from .collate import Batch
 from .config import PHAConfig
 from .hypernetwork import AdapterGenerator, TaskAdapterTable
@@ -249,7 +249,7 @@ class PHAModel(nn.Module):
                 rows = [rows[i] for i in keep.tolist()]
                 token, encoder_hidden, attention_mask = token[keep], encoder_hidden[keep], attention_mask[keep]
                 adapters = None if adapters is None else [w.index_select(keep) for w in adapters]
-                cache.batch_select_indices(keep)
+                select_cache_rows(cache, keep)
             current = token.unsqueeze(1)
         return outputs
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import AdapterWeights
+from .backbones import select_cache_rows
 from .tasks import get_task
 
 # STS-B targets are rounded to 0.2 (tasks._stsb_target), so these are every target it can have.
@@ -120,7 +121,8 @@ def label_log_likelihoods(
     """
     bb = model.backbone
     scores = [torch.empty(len(c), dtype=torch.float32) for c in candidates]
-    for rows in _row_chunks(candidates):
+    spans = _memory_spans(attention_mask)
+    for rows in _row_chunks(candidates, spans):
         pairs = [(row, c, ids) for row in rows for c, ids in enumerate(candidates[row])]
         width = max(len(ids) for _, _, ids in pairs)
         states = _candidate_states(model, encoder_hidden, attention_mask, adapters, rows, pairs, width)
@@ -175,7 +177,10 @@ def _candidate_states(model, encoder_hidden, attention_mask, adapters, rows, pai
     row_index = torch.tensor(rows, device=device)
     local = {row: i for i, row in enumerate(rows)}
     pair_local = torch.tensor([local[row] for row, _, _ in pairs], device=device)
-    hidden, mask = encoder_hidden.index_select(0, row_index), attention_mask.index_select(0, row_index)
+    # Only as much of the memory as these rows use: a batch's memory is as wide as its longest input.
+    span = int(_memory_spans(attention_mask.index_select(0, row_index)).max())
+    hidden = encoder_hidden.index_select(0, row_index)[:, :span]
+    mask = attention_mask.index_select(0, row_index)[:, :span]
     row_adapters = _select(adapters, row_index)
     if (len(pairs) - len(rows)) * int(mask.sum(1).max()) < SHARED_CACHE_MIN_TOKENS:
         return _pair_states(model, hidden, mask, row_adapters, pair_local, pairs, width)
@@ -186,7 +191,7 @@ def _candidate_states(model, encoder_hidden, attention_mask, adapters, rows, pai
     if width == 1:
         return first
     rest_in = _decoder_inputs(bb, pairs, width)[:, 1:]  # the start token is in the cache
-    cache.batch_select_indices(pair_local)
+    select_cache_rows(cache, pair_local)
     with model.decoder_context.use(_select(row_adapters, pair_local)):
         rest, _ = bb.decode_states(
             rest_in.to(device), hidden.index_select(0, pair_local), mask.index_select(0, pair_local), cache, True
@@ -219,17 +224,25 @@ def _decoder_inputs(bb, pairs, width: int) -> torch.Tensor:
     return dec_in
 
 
-def _row_chunks(candidates: Sequence[Sequence[Sequence[int]]]) -> list[list[int]]:
-    """Rows grouped so that a group holds about MAX_PAIRS (row, candidate) pairs; a row is never split (its
-    candidates share head rows)."""
+def _memory_spans(mask: torch.Tensor) -> torch.Tensor:
+    """[B] how far into the memory each row reaches: its last real position + 1 (at least 1)."""
+    positions = torch.arange(1, mask.size(1) + 1, device=mask.device)
+    return (mask.bool() * positions).amax(dim=1).clamp_min(1).cpu()
+
+
+def _row_chunks(candidates: Sequence[Sequence[Sequence[int]]], spans: torch.Tensor) -> list[list[int]]:
+    """Rows in order of how much memory they read (spans [B]), grouped so that a group holds about MAX_PAIRS
+    (row, candidate) pairs; a row is never split (its candidates share head rows). Each group is cut to its
+    own widest row: a mixed serving batch has inputs of 10 to 250 tokens, and every candidate's cross-attention
+    (and the cached keys and values copied to it) reads the whole width of its group."""
     chunks: list[list[int]] = [[]]
     pairs = 0
-    for row, cands in enumerate(candidates):
-        if chunks[-1] and pairs + len(cands) > MAX_PAIRS:
+    for row in sorted(range(len(candidates)), key=lambda r: int(spans[r])):
+        if chunks[-1] and pairs + len(candidates[row]) > MAX_PAIRS:
             chunks.append([])
             pairs = 0
         chunks[-1].append(row)
-        pairs += len(cands)
+        pairs += len(candidates[row])
     return [c for c in chunks if c]
 
 

@@ -59,12 +59,18 @@ def test_scores_equal_teacher_forced_log_likelihood(model):
         assert score == pytest.approx(expected, abs=1e-4), word
 
 
+@pytest.mark.parametrize("max_pairs", [scoring.MAX_PAIRS, 3])
 @torch.no_grad()
-def test_mixed_task_batch_equals_one_at_a_time(model):
-    spaces = [AnswerSpace.of_task(e.task) for e in EXAMPLES]
-    batch, hidden, mask = _encoded(model, EXAMPLES)
+def test_mixed_task_batch_equals_one_at_a_time(model, max_pairs, monkeypatch):
+    """Rows of different lengths and tasks in one batch, in one group or in groups sorted by length and cut
+    to their own widest row (max_pairs 3: a group per row): each row scores as it does alone."""
+    monkeypatch.setattr(scoring, "MAX_PAIRS", max_pairs)
+    examples = [*EXAMPLES, Example("sentence: no", "negative", "sst2")]
+    spaces = [AnswerSpace.of_task(e.task) for e in examples]
+    batch, hidden, mask = _encoded(model, examples)
+    assert len(set(mask.sum(1).tolist())) == len(examples)  # every row its own length: the groups differ
     mixed = rank(model, hidden, mask, model.decoder_adapters(batch.task_ids), spaces)
-    for i, ex in enumerate(EXAMPLES):
+    for i, ex in enumerate(examples):
         b1, h1, m1 = _encoded(model, [ex])
         (alone,) = rank(model, h1, m1, model.decoder_adapters(b1.task_ids), [spaces[i]])
         assert alone.output == mixed[i].output
