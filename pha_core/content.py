@@ -16,8 +16,9 @@ off) over the text without its markers, layer 3: a third of a routed input's mod
 Measured on the demo (session 10; docs/results.md section 5 has the served figures), at the served threshold
 0.02, over the OOD inputs written in a task's template (the others fit no template and are turned away before
 any check) and the GLUE test rows: dev half, layer 2 / 3 / 4 / 6 of this pass: GLUE rows kept 0.989 / 0.985 /
-0.969 / 0.981, template-shaped OOD turned away 0.76 / 0.73 / 0.51 / 0.28; the previous second pass 0.973 / 0.69. Tasks without a bank (adapted ones: a handful of rows is no density
-estimate) are judged by the cosine typicality.
+0.969 / 0.981, template-shaped OOD turned away 0.76 / 0.73 / 0.51 / 0.28; the previous second pass 0.973 /
+0.69. Tasks without a bank (adapted ones: a handful of rows is no density estimate) are judged by the cosine
+typicality.
 """
 
 from __future__ import annotations
