@@ -53,13 +53,13 @@ class TrainConfig:
     # Padded source tokens per length bucket of a batch (collate.collate_buckets); 0: one bucket per batch.
     # 4096 at batch 128 measured fastest on the GLUE mix (mean 40 tokens, max 256): 65.8 ex/s vs 61.0 for 2048.
     token_budget: int = knob(4096, doc="padded source tokens per length bucket (0: no buckets)")
+    # A trained checkpoint of the same architecture and tasks to start from (its trainable tensors), with a
+    # fresh optimiser and schedule: a second stage on top of a finished run (the demo's CoLA stage, docs/results.md).
+    init_from: str | None = knob(None, doc="checkpoint whose trained tensors this run starts from (same model)")
     # CoLA is 70% "acceptable": its CE is minimised by the prior, and every multi-task run so far answered that
     # one class (MCC 0) although the frozen encoder's features carry the signal (a logistic regression on them
     # reaches MCC 0.1-0.2). Weighting each example by 1 / (its label's share x the task's label count) makes
     # every label of a task weigh the same in CE (mean weight 1, so the loss keeps its scale).
-    # A trained checkpoint of the same architecture and tasks to start from (its trainable tensors), with a
-    # fresh optimiser and schedule: a second stage on top of a finished run (the demo's CoLA stage, docs/results.md).
-    init_from: str | None = knob(None, doc="checkpoint whose trained tensors this run starts from (same model)")
     balance_labels: bool = knob(False, doc="weight CE so that each label of a classification task weighs the same")
 
     def __post_init__(self) -> None:

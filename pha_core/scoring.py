@@ -125,7 +125,10 @@ def label_log_likelihoods(
     for rows in _row_chunks(candidates, spans):
         pairs = [(row, c, ids) for row in rows for c, ids in enumerate(candidates[row])]
         width = max(len(ids) for _, _, ids in pairs)
-        states = _candidate_states(model, encoder_hidden, attention_mask, adapters, rows, pairs, width)
+        # Only as much of the memory as these rows use: a batch's memory is as wide as its longest input.
+        span = int(spans[rows].max())
+        hidden, mask = encoder_hidden[:, :span], attention_mask[:, :span]
+        states = _candidate_states(model, hidden, mask, adapters, rows, pairs, width)
         token_logp = _token_log_probs(bb, states, pairs, width)
         k = 0
         for row, c, ids in pairs:
@@ -177,10 +180,7 @@ def _candidate_states(model, encoder_hidden, attention_mask, adapters, rows, pai
     row_index = torch.tensor(rows, device=device)
     local = {row: i for i, row in enumerate(rows)}
     pair_local = torch.tensor([local[row] for row, _, _ in pairs], device=device)
-    # Only as much of the memory as these rows use: a batch's memory is as wide as its longest input.
-    span = int(_memory_spans(attention_mask.index_select(0, row_index)).max())
-    hidden = encoder_hidden.index_select(0, row_index)[:, :span]
-    mask = attention_mask.index_select(0, row_index)[:, :span]
+    hidden, mask = encoder_hidden.index_select(0, row_index), attention_mask.index_select(0, row_index)
     row_adapters = _select(adapters, row_index)
     if (len(pairs) - len(rows)) * int(mask.sum(1).max()) < SHARED_CACHE_MIN_TOKENS:
         return _pair_states(model, hidden, mask, row_adapters, pair_local, pairs, width)
