@@ -204,17 +204,35 @@ class ProportionalMixer:
     and a task fills batches in proportion to its size; mixed-task batches are what the instance contrastive
     loss needs. Batches are always full: the last one of an epoch continues into the next permutation.
 
+    `repeats` up-samples: a task's rows enter the pool that many times (default 1), so it fills that many
+    times its share of each batch and is seen that many times per epoch.
+
     Epoch e's permutation depends only on (seed, e), so the position after k batches is plain arithmetic:
     state_dict() saves k and load_state_dict() resumes exactly, without replaying the draws.
     """
 
-    def __init__(self, train_sets: Mapping[str, Sequence[Example]], batch_size: int, seed: int = 42) -> None:
+    def __init__(
+        self,
+        train_sets: Mapping[str, Sequence[Example]],
+        batch_size: int,
+        seed: int = 42,
+        repeats: Mapping[str, int] | None = None,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self._pool: tuple[Example, ...] = tuple(ex for task in train_sets for ex in train_sets[task])
+        repeats = dict(repeats or {})
+        unknown = sorted(set(repeats) - set(train_sets))
+        if unknown:
+            raise ValueError(f"repeats name tasks that are not mixed: {', '.join(unknown)}")
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in repeats.values()):
+            raise ValueError(f"repeats must be whole numbers >= 1, got {repeats}")
+        self._pool: tuple[Example, ...] = tuple(
+            ex for task in train_sets for _ in range(repeats.get(task, 1)) for ex in train_sets[task]
+        )
         if not self._pool:
             raise ValueError("no training examples to mix")
-        sizes = {task: len(rows) for task, rows in train_sets.items()}
+        # What the mix is made of (rows x repeats); a resumed stream must find the same.
+        sizes = {task: len(rows) * repeats.get(task, 1) for task, rows in train_sets.items()}
         self.sizes: Mapping[str, int] = MappingProxyType(sizes)
         self.batch_size = batch_size
         self.seed = seed

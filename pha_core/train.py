@@ -176,6 +176,9 @@ class Trainer:
             self.model = load_checkpoint(cfg.init_from, expect=model_cfg).train()
         else:
             self.model = PHAModel(model_cfg)
+        # How the weights this run starts from were made, oldest stage first: a staged model's checkpoint says
+        # how every stage was trained, not only the last one.
+        self.earlier_stages = earlier_stages(cfg.init_from) if cfg.init_from else []
         self.model.to(self.device).train()
         self.frozen = FrozenInLowPrecision(self.model, self.precision == "bf16")
         self.task_index = {t: i for i, t in enumerate(self.model.tasks)}
@@ -184,7 +187,9 @@ class Trainer:
         )
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, cfg.warmup, cfg.steps)
-        self.mixer = ProportionalMixer(self.train_sets, cfg.batch_size, seed=cfg.seed + self.dist.rank)
+        self.mixer = ProportionalMixer(
+            self.train_sets, cfg.batch_size, seed=cfg.seed + self.dist.rank, repeats=cfg.repeats
+        )
         if trainer_state is not None:
             self._restore(trainer_state)
         self.ddp_model: nn.Module = self.model
@@ -278,6 +283,7 @@ class Trainer:
             "data_dir": self.cfg.data_dir if self.cfg.data_dir and not Path(self.cfg.data_dir).is_absolute() else None,
             "steps_done": self.step,
             "train_sizes": {t: len(s) for t, s in self.train_sets.items()},
+            "earlier_stages": self.earlier_stages,
         }
         state = {
             "optimizer": self.optimizer.state_dict(),
@@ -307,3 +313,9 @@ def loss_trend(history: list[dict[str, float]], key: str) -> tuple[float, float]
 
 def recipe_of(checkpoint: str | Path) -> dict[str, Any]:
     return read_meta(checkpoint).get("recipe", {})
+
+
+def earlier_stages(checkpoint: str | Path) -> list[dict[str, Any]]:
+    """The recipes that made `checkpoint`, oldest first: the stages before it, then its own."""
+    recipe = dict(recipe_of(checkpoint))
+    return [*recipe.pop("earlier_stages", []), recipe]

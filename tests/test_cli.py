@@ -1,6 +1,7 @@
 """The `pha` command: train -> eval on real files with a tiny model, params, and clear errors for bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,12 +96,15 @@ def test_a_second_stage_starts_from_a_trained_checkpoint(tmp_path, tiny_yaml, da
     assert main(["train", *common, "--output", str(first)]) == 0
     # One step at a learning rate of 1e-9 (Adam moves each weight by ~lr): the weights are the first stage's.
     args = ["train", *common, "--output", str(second), "--init-from", str(first), "--steps", "1", "--lr", "1e-9"]
-    assert main([*args, "--balance-labels"]) == 0
+    assert main([*args, "--balance-labels", "--repeat", "cola=2"]) == 0
     a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(not torch.allclose(a[k], torch.zeros_like(a[k])) for k in a)
     recipe = json.loads((second / "config.json").read_text())["recipe"]
-    assert recipe["init_from"] == str(first) and recipe["balance_labels"] is True
+    assert recipe["init_from"] == str(first) and recipe["balance_labels"] is True and recipe["repeat"] == ["cola=2"]
+    first_recipe = json.loads((first / "config.json").read_text())["recipe"]
+    assert first_recipe["earlier_stages"] == []
+    assert recipe["earlier_stages"] == [{k: v for k, v in first_recipe.items() if k != "earlier_stages"}]
     code = main(["train", *common[:3], "sst2", *common[5:], "--output", str(tmp_path / "x"), "--init-from", str(first)])
     assert code != 0  # other tasks: another model, refused before any step
 
@@ -254,6 +258,27 @@ def test_help_needs_no_torch_and_a_missing_config_file_is_one_line():
         [sys.executable, "-m", "pha_cli", "train", "--config", "nowhere.yaml"], capture_output=True, text=True
     ).stderr.strip()
     assert err == "pha train: error: config file nowhere.yaml not found"
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [("cola", "task=N"), ("cola=0", "task=N"), ("cola=x", "task=N"), ("wnli=2", "not trained")],
+)
+def test_a_bad_repeat_is_a_usage_error_that_says_the_form(capsys, entry, says):
+    assert main(["train", "--tasks", "cola", "sst2", "--repeat", entry]) == 2
+    err = capsys.readouterr().err
+    assert says in err and entry in err
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].joinpath("pha_core", "configs").glob("*.yaml")))
+def test_the_shipped_recipes_are_valid(path):
+    from pha_cli.commands import load_yaml, model_config
+    from pha_core.train import TrainConfig
+
+    recipe = load_yaml(str(path))
+    cfg = TrainConfig(**recipe["train"])
+    assert model_config({}, recipe["model"]).backbone.kind == "minilm"  # the offline default backbone
+    assert not Path(cfg.output).is_absolute() and not Path(cfg.init_from or ".").is_absolute()
 
 
 def test_a_value_outside_the_choices_is_a_usage_error(capsys):

@@ -260,6 +260,23 @@ def test_mixer_is_proportional_and_mixes_tasks() -> None:
     assert sum(len({ex.task for ex in batch}) > 1 for batch in batches) == 100
 
 
+def test_mixer_repeats_up_sample_a_task() -> None:
+    mixer = ProportionalMixer(train_sets(), batch_size=42, seed=3, repeats={"cb": 3})
+    assert mixer.epoch_size == 460
+    counts = Counter(ex.task for _ in range(230) for ex in next(mixer))  # 9660 rows: exactly 21 epochs
+    assert counts == {"cola": 300 * 21, "rte": 100 * 21, "cb": 60 * 21}
+    assert mixer.state_dict()["sizes"] == {"cola": 300, "rte": 100, "cb": 60}
+    # A stream with other repeats is another stream: resuming across them is refused.
+    with pytest.raises(ValueError, match="sizes"):
+        ProportionalMixer(train_sets(), batch_size=42, seed=3).load_state_dict(mixer.state_dict())
+
+
+@pytest.mark.parametrize("repeats", [{"sst2": 2}, {"cb": 0}, {"cb": 1.5}, {"cb": True}])
+def test_mixer_refuses_bad_repeats(repeats: dict) -> None:
+    with pytest.raises(ValueError, match="repeats"):
+        ProportionalMixer(train_sets(), batch_size=8, repeats=repeats)
+
+
 def test_mixer_is_deterministic_and_leaves_global_random_alone() -> None:
     before = random.getstate()
     first = [next(ProportionalMixer(train_sets(), 16, seed=1)) for _ in range(2)]
