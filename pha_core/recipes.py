@@ -13,6 +13,22 @@ from .tasks import GLUE_TASKS
 PRETRAIN_TASKS: tuple[str, ...] = ("cola", "sst2", "stsb", "mrpc", "qqp", "qnli", "rte", "wic", "wsc", "cb")
 
 
+def parse_repeats(entries: list[str], tasks: list[str]) -> dict[str, int]:
+    """ "task=N" entries as {task: N}, checked: each names one of `tasks` once, N a whole number >= 1."""
+    out: dict[str, int] = {}
+    for entry in entries:
+        task, sep, times = str(entry).partition("=")
+        if not sep or not times.strip().isdigit() or int(times) < 1:
+            raise ValueError(f"repeat entries are task=N with N a whole number >= 1 (cola=3), got {entry!r}")
+        task = task.strip()
+        if task not in tasks:
+            raise ValueError(f"repeat {entry!r} names a task that is not trained; tasks: {', '.join(tasks)}")
+        if task in out:
+            raise ValueError(f"repeat names {task!r} twice")
+        out[task] = int(times)
+    return out
+
+
 @dataclass
 class TrainConfig:
     """The training recipe; saved in the checkpoint's config.json as "recipe"."""
@@ -79,23 +95,12 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.save_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"save_dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
-        self.repeats  # noqa: B018 (validates the "task=N" strings now, not at the first batch)
+        parse_repeats(self.repeat, self.tasks)  # a bad entry is refused now, not at the first batch
 
     @property
     def repeats(self) -> dict[str, int]:
-        """`repeat` as {task: N}, checked: each entry names a trained task once, N a whole number >= 1."""
-        out: dict[str, int] = {}
-        for entry in self.repeat:
-            task, sep, times = str(entry).partition("=")
-            if not sep or not times.strip().isdigit() or int(times) < 1:
-                raise ValueError(f"repeat entries are task=N with N a whole number >= 1 (cola=3), got {entry!r}")
-            task = task.strip()
-            if task not in self.tasks:
-                raise ValueError(f"repeat {entry!r} names a task that is not trained; tasks: {', '.join(self.tasks)}")
-            if task in out:
-                raise ValueError(f"repeat names {task!r} twice")
-            out[task] = int(times)
-        return out
+        """`repeat` as {task: N} (parse_repeats)."""
+        return parse_repeats(self.repeat, self.tasks)
 
     @property
     def warmup(self) -> int:
