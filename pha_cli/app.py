@@ -102,6 +102,10 @@ def evaluate(
         Literal["rank", "greedy"],
         typer.Option(help="rank: score every label, answer the best (STS-B: expected score); greedy: generate"),
     ] = "rank",
+    label_prior: Annotated[
+        bool,
+        typer.Option(help="apply the checkpoint's label prior (label_prior.json, fitted on validation rows)"),
+    ] = True,
     batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
@@ -117,9 +121,10 @@ def calibrate(
     data_dir: DataDir = None,
     max_rows: Annotated[int, typer.Option(help="validation rows per task, seeded")] = 500,
 ) -> None:
-    """Fit a checkpoint's route calibration (typicality and confidence) on its tasks' validation rows, and its
-    content bank (pha_core/content.py) on their training and validation rows; both are written into the
-    checkpoint (calibration.json, content_bank.npz, each replaced atomically)."""
+    """Fit a checkpoint's route calibration (typicality and confidence) and its label tasks' label prior
+    (pha_core/label_prior.py) on its tasks' validation rows, and its content bank (pha_core/content.py) on their
+    training and validation rows; all are written into the checkpoint (calibration.json, label_prior.json,
+    content_bank.npz, each replaced atomically)."""
     commands.calibrate(locals())
 
 

@@ -41,6 +41,7 @@ def model_config(values: dict[str, Any], base: dict[str, Any]) -> PHAConfig:
 def train(values: dict[str, Any]) -> None:
     from pha_core.calibration import calibrate
     from pha_core.evaluate import evaluate, format_table
+    from pha_core.label_prior import fit_label_prior
     from pha_core.params import format_report
     from pha_core.train import TrainConfig, Trainer, loss_trend
 
@@ -61,12 +62,15 @@ def train(values: dict[str, Any]) -> None:
         print(f"{key}: {first:.4f} (first quarter) -> {last:.4f} (last quarter)")
     print(f"checkpoint written to {tcfg.output} ({result['train_seconds']:.0f} s)")
     held_out = {t: s["validation"] for t, s in trainer.splits.items()}
+    prior = fit_label_prior(trainer.model, held_out)
+    print(f"label prior (validation rows) written to {prior.save(tcfg.output)}")
     if trainer.model.config.routes_by_prototype:
         path = calibrate(trainer.model, held_out).save(tcfg.output)
         print(f"route calibration (validation rows) written to {path}")
         path = fit_content(trainer.model, trainer.splits).save(tcfg.output)
         print(f"content bank (training rows, validation rows) written to {path}")
     if not values["no_eval"]:
+        # The prior was fitted on these rows: the table shows the decoder as trained (`pha eval` applies it).
         print("validation:\n" + format_table(evaluate(trainer.model, held_out)))
 
 
@@ -121,6 +125,7 @@ def evaluate(values: dict[str, Any]) -> None:
     from pha_core.checkpoint import load_checkpoint
     from pha_core.evaluate import evaluate, format_table
     from pha_core.files import write_atomic
+    from pha_core.label_prior import LabelPrior
     from pha_core.runtime import resolve_device
 
     if values["threads"]:
@@ -132,7 +137,12 @@ def evaluate(values: dict[str, Any]) -> None:
         raise UserError(f"the checkpoint has no task(s) {unknown}; it knows {model.tasks}")
     splits, split_seed = _held_out(values["checkpoint"], tasks, values["data_dir"], values["max_eval"])
     rows = {t: s[values["split"]] for t, s in splits.items()}
-    report = evaluate(model, rows, batch_size=values["batch_size"], decoding=values["decoding"])
+    prior = LabelPrior.load(values["checkpoint"]) if values["label_prior"] else None
+    if values["label_prior"] and prior is None:
+        print(f"no label prior in {values['checkpoint']}: probabilities as the decoder gives them (`pha calibrate`)")
+    if prior is not None and values["split"] == "validation":
+        print("note: the label prior was fitted on these validation rows; --no-label-prior for figures without it")
+    report = evaluate(model, rows, batch_size=values["batch_size"], decoding=values["decoding"], prior=prior)
     report.update(
         checkpoint=Path(values["checkpoint"]).name,
         split=values["split"],
@@ -151,11 +161,17 @@ def calibrate(values: dict[str, Any]) -> None:
     from pha_core.calibration import calibrate
     from pha_core.checkpoint import load_checkpoint
     from pha_core.content import BANK_ROWS
+    from pha_core.label_prior import fit_label_prior
 
     model = load_checkpoint(values["checkpoint"])
     splits, _ = _held_out(values["checkpoint"], model.tasks, values["data_dir"], values["max_rows"], BANK_ROWS)
-    calibration = calibrate(model, {t: s["validation"] for t, s in splits.items()})
+    held_out = {t: s["validation"] for t, s in splits.items()}
+    calibration = calibrate(model, held_out)
     path = calibration.save(values["checkpoint"])
+    prior = fit_label_prior(model, held_out)
+    prior_path = prior.save(values["checkpoint"])
+    offsets = ", ".join(f"{t} {max(v) - min(v):.2f}" for t, v in prior.offsets.items())
+    print(f"label prior (largest offset gap per task): {offsets}; written to {prior_path}")
     bank = fit_content(model, splits).save(values["checkpoint"])
     spreads = ", ".join(f"{t} {s.center:.3f}+-{s.scale:.3f}" for t, s in calibration.spreads.items())
     print(f"{calibration.rows} validation rows; cosine to own key (median+-IQR): {spreads}")

@@ -38,6 +38,7 @@ from .adapters import AdapterWeights
 from .calibration import RouteCalibration, Spread
 from .collate import collate
 from .inference import AdapterSet, prototype_adapters
+from .label_prior import fit_label_offsets
 from .losses import prototype_contrastive_loss, token_cross_entropy
 from .model import PHAModel
 from .retriever import cosine_scores, retrieve
@@ -45,9 +46,6 @@ from .scoring import AnswerSpace, candidate_ids, label_log_likelihoods, rank
 from .tasks import Example
 
 MODES = ("prototype", "adapter", "scratch")
-# L2 weight on the label offsets: with 16 examples of 2-3 labels the unregularised fit can run off to a
-# one-label answer; 0.01 kept BoolQ/CB's fits and barely moved the held-out figures (scratch sweep 0 / 0.01 / 0.1).
-OFFSET_L2 = 0.01
 # Learning rates per trained part: a single 128-d vector tolerates (and needs) a large step; adapter weights
 # use the usual adapter rate.
 PROTOTYPE_LR = 5e-2
@@ -188,25 +186,6 @@ def adapt_task(
         labels=labels or None,
         label_offsets=offsets,
     )
-
-
-def fit_label_offsets(loglik: torch.Tensor, gold: Sequence[int], l2: float = OFFSET_L2) -> np.ndarray:
-    """Offsets b [L] minimising the mean CE of softmax(loglik + b) on the examples (loglik [k, L], gold the
-    label index of each) + l2 |b|^2, centred (adding a constant changes no probability). Convex: L-BFGS."""
-    scores = loglik.detach().double().cpu()
-    target = torch.as_tensor(list(gold), dtype=torch.long)
-    b = torch.zeros(scores.size(1), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([b], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(scores + b, target) + l2 * (b**2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    b = b.detach()
-    return (b - b.mean()).numpy().astype(np.float32)
 
 
 def _initial_adapters(model: PHAModel, source_proto: torch.Tensor, mode: str) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .label_prior import LabelPrior
 from .metrics import score, task_metrics
 from .model import PHAModel
 from .scoring import AnswerSpace, rank
@@ -28,12 +29,14 @@ def predict_examples(
     batch_size: int = 64,
     max_new_tokens: int | None = None,
     decoding: str = "rank",
+    prior: LabelPrior | None = None,
 ) -> dict[str, list]:
     """Outputs with the gold task ("given"), with the retrieved task ("retrieved"), and the retrieved names.
 
     decoding "rank" (the default) answers within each task's answer space (scoring.py: label words, STS-B's
     bins), so every output is valid for the task that answers it; "greedy" writes freely. A row routed to
-    another task answers within that task's space, as the server does.
+    another task answers within that task's space, as the server does. `prior`: the label tasks' fitted
+    offsets (label_prior.py), as the server applies them; None: the decoder's probabilities as they are.
     """
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
@@ -43,7 +46,7 @@ def predict_examples(
     ids_of: dict = {}
 
     def answers(hidden, mask, adapters, tasks: list[str]) -> list[str]:
-        spaces = [AnswerSpace.of_task(t) for t in tasks]
+        spaces = [AnswerSpace.of_task(t, prior.of(t) if prior else None) for t in tasks]
         if decoding == "greedy" or any(s is None for s in spaces):
             return [bb.decode_text(row) for row in model.greedy_decode(hidden, mask, adapters, new_tokens)]
         return [s.output for s in rank(model, hidden, mask, adapters, spaces, ids_of)]
@@ -74,13 +77,14 @@ def evaluate(
     batch_size: int = 64,
     max_new_tokens: int | None = None,
     decoding: str = "rank",
+    prior: LabelPrior | None = None,
 ) -> dict:
     """Metrics per task (given / retrieved), averages (one figure per task) and routing accuracy."""
     results: dict[str, dict] = {}
     for task, examples in splits.items():
         if not examples:
             raise ValueError(f"no {task} examples to evaluate")
-        out = predict_examples(model, examples, batch_size, max_new_tokens, decoding)
+        out = predict_examples(model, examples, batch_size, max_new_tokens, decoding, prior)
         targets = [e.target for e in examples]
         entry: dict = {"n": len(examples), "given": task_metrics(task, out["given"], targets)}
         entry["given"]["score"] = score(task, entry["given"])
@@ -101,7 +105,7 @@ def evaluate(
         average["retrieved"] = _mean([r["retrieved"]["score"] for r in results.values()])
         total = sum(r["n"] for r in results.values())
         average["routing_accuracy"] = sum(r["routing_accuracy"] * r["n"] for r in results.values()) / total
-    return {"tasks": results, "average": average}
+    return {"tasks": results, "average": average, "label_prior": prior is not None}
 
 
 def _mean(values: list[float]) -> float:

@@ -55,8 +55,8 @@ class AnswerSpace:
 
     words: tuple[str, ...]
     regression: bool = False
-    # Added to each word's log-likelihood before the softmax: a few-shot task's label prior fitted on its k
-    # examples (pha_core.adapt.fit_label_offsets); None: none.
+    # Added to each word's log-likelihood before the softmax: the task's label prior, fitted on held-out rows
+    # or an adapted task's k examples (label_prior.py); None: none.
     offsets: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -72,11 +72,12 @@ class AnswerSpace:
             [float(w) for w in self.words]  # every bin must be a number
 
     @classmethod
-    def of_task(cls, name: str) -> AnswerSpace | None:
-        """The answer space of a known task (STS-B: its 0.2 bins); None for tasks without one."""
+    def of_task(cls, name: str, offsets: Sequence[float] | None = None) -> AnswerSpace | None:
+        """The answer space of a known task (STS-B: its 0.2 bins), with its fitted label prior (label_prior.py)
+        when there is one; None for tasks without a space."""
         spec = get_task(name)
         if spec.labels is not None:
-            return cls(tuple(spec.labels))
+            return cls.of_labels(spec.labels, offsets)
         return cls(STSB_BINS, regression=True) if name == "stsb" else None
 
     @classmethod

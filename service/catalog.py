@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
@@ -51,14 +51,15 @@ class TaskEntry:
     key: np.ndarray | None = field(default=None, repr=False)
     adapters: AdapterSet | None = field(default=None, repr=False)
     spread: Spread | None = None  # where its held-out rows' route cosines lie (typicality); None: not fitted
-    label_offsets: tuple[float, ...] | None = None  # per label, added to its log-likelihood (adapt.py); None: none
+    # per label, added to its log-likelihood (label_prior.py); None: none
+    label_offsets: tuple[float, ...] | None = None
 
     @property
     def answers(self) -> AnswerSpace | None:
         """What the task answers with: its label words (rank classification; a known task's own, e.g. STS-B's
         0.2 bins) with the label prior it was fitted with, or None: free generation."""
         if self.source == "trained" and self.name in TASKS:
-            return AnswerSpace.of_task(self.name)
+            return AnswerSpace.of_task(self.name, self.label_offsets)
         return AnswerSpace.of_labels(self.labels, self.label_offsets)
 
     @property
@@ -101,14 +102,20 @@ class _Shapes:
         return cls(by_fields, [(t, template_pattern(t)) for t in named], free)
 
 
+def _offsets(values: Sequence[float] | None) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(x) for x in values)
+
+
 def trained_entries(
     tasks: list[str],
     prototypes: np.ndarray,
     created: datetime,
     examples: int | None = None,
     spreads: Mapping[str, Spread] | None = None,
+    label_offsets: Mapping[str, Sequence[float]] | None = None,
 ) -> list[TaskEntry]:
-    """Entries for a model's trained tasks; template and labels come from the task catalogue when known."""
+    """Entries for a model's trained tasks; template and labels come from the task catalogue when known, the
+    label prior (`label_offsets`, per task) from the checkpoint's label_prior.json."""
     entries = []
     for name, vector in zip(tasks, prototypes, strict=True):
         spec = TASKS.get(name)
@@ -122,6 +129,7 @@ def trained_entries(
                 created=created,
                 examples=examples,
                 spread=(spreads or {}).get(name),
+                label_offsets=_offsets((label_offsets or {}).get(name)),
             )
         )
     return entries

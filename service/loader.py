@@ -18,6 +18,7 @@ from pha_core.calibration import RouteCalibration
 from pha_core.checkpoint import CONFIG_FILE, load_checkpoint, read_meta
 from pha_core.content import ContentBank
 from pha_core.inference import Engine
+from pha_core.label_prior import LabelPrior
 from pha_core.variants import VARIANTS
 
 from .settings import Settings
@@ -36,6 +37,7 @@ class LoadedModel:
     examples: int | None  # training examples per task, when the checkpoint's recipe says
     calibration: RouteCalibration | None = None  # fitted on held-out rows (`pha calibrate`); None: not fitted
     content: ContentBank | None = None  # the trained tasks' content banks (`pha calibrate`); None: not fitted
+    label_prior: LabelPrior | None = None  # the trained label tasks' offsets (`pha calibrate`); None: not fitted
 
 
 def demo_checkpoint() -> Path:
@@ -83,8 +85,14 @@ def _from_checkpoint(path: Path, source: str, device: str) -> LoadedModel:
             "the checkpoint has no content bank: inputs of no task's kind written in a task's template are judged "
             f"by the route cosine alone; fit one with `pha calibrate {path}`"
         )
+    prior = LabelPrior.load(path)
+    if prior is None:
+        log.warning(
+            "the checkpoint has no label prior: label probabilities are the decoder's as trained (a training mix "
+            f"with up-sampled or balanced labels shifts them); fit one with `pha calibrate {path}`"
+        )
     examples = n_train if isinstance(n_train, int) else None
-    return LoadedModel(Engine(model), source, created, examples, calibration, content)
+    return LoadedModel(Engine(model), source, created, examples, calibration, content, prior)
 
 
 def _untrained(device: str) -> LoadedModel:

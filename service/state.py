@@ -76,7 +76,10 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
         engine.config.proto_dim, nprobe=settings.faiss_nprobe, ivf_threads=settings.faiss_ivf_threads
     )
     spreads = loaded.calibration.spreads if loaded.calibration is not None else None
-    entries = trained_entries(engine.tasks, engine.trained_prototypes(), loaded.created, loaded.examples, spreads)
+    offsets = loaded.label_prior.offsets if loaded.label_prior is not None else None
+    entries = trained_entries(
+        engine.tasks, engine.trained_prototypes(), loaded.created, loaded.examples, spreads, offsets
+    )
     catalog = TaskCatalog(index, entries)
     redis_tier = None
     if settings.redis_url:

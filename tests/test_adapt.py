@@ -72,7 +72,7 @@ def test_bad_requests_are_refused(model):
 
 
 def test_label_offsets_fit_the_examples_prior():
-    from pha_core.adapt import fit_label_offsets
+    from pha_core.label_prior import fit_label_offsets
 
     # Every example prefers label 0 by 2 nats, but three of four are label 1: the fitted prior moves them over.
     loglik = torch.tensor([[0.0, -2.0]] * 4)

@@ -58,6 +58,12 @@ def test_train_then_eval_writes_metrics_json(tmp_path, tiny_yaml, data_dir, caps
     assert set(report["tasks"]) == {"sst2", "rte"}
     assert {"given", "retrieved", "routing_accuracy"} <= set(report["average"])
     assert report["tasks"]["sst2"]["n"] == 8
+    from pha_core.label_prior import LabelPrior
+
+    prior = LabelPrior.load(out)  # fitted on the validation rows at the end of training, applied by `pha eval`
+    assert prior is not None and set(prior.offsets) == {"sst2", "rte"} and report["label_prior"] is True
+    assert main(["eval", str(out), "--max-eval", "8", "--no-label-prior", "--output", str(report_file)]) == 0
+    assert json.loads(report_file.read_text())["label_prior"] is False
 
 
 @pytest.mark.data

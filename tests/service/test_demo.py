@@ -105,3 +105,17 @@ def test_the_demo_turns_away_texts_of_no_tasks_kind_written_in_a_tasks_template(
     for p in others:
         assert p["output"] is None and p["route"]["fits"] is False, p
     assert review["output"] == "positive" and review["route"]["fits"] is True
+
+
+def test_the_demo_serves_its_trained_tasks_with_their_fitted_label_prior(client):
+    """label_prior.json (fitted on validation rows by `pha calibrate`) reaches each trained task's answers and
+    its export; STS-B's bins have none."""
+    from pha_core.label_prior import LabelPrior
+
+    prior = LabelPrior.load(DEMO)
+    assert prior is not None and set(prior.offsets) == {"cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte"}
+    catalog = client.app.state.pha.catalog
+    assert catalog.get("qqp").answers.offsets == pytest.approx(prior.of("qqp"))
+    assert catalog.get("stsb").answers.offsets is None
+    exported = client.get("/prototypes/mnli").json()
+    assert exported["label_offsets"] == pytest.approx(list(prior.of("mnli")))

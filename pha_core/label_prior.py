@@ -1,0 +1,114 @@
+"""Label priors: one offset per label, added to its log-likelihood before the softmax (scoring.AnswerSpace).
+
+Rank classification (scoring.py) reads P(label | x) off the decoder, and what the decoder learned of each
+label's prior comes from the training mix, not from the task: up-sampled rows, balanced label weights
+(recipes `repeat`, `balance_labels`) and the other tasks in the batch all move it. One offset per label, fitted
+by cross-entropy on held-out rows the model never trained on, puts the prior back where the task's rows have it
+(Platt-style prior correction; adding a constant changes nothing, so the offsets are centred). Two places fit
+them: an adapted task on its k examples (adapt.py), a trained model's tasks on their validation rows at the end
+of `pha train` or by `pha calibrate`, kept beside the checkpoint in label_prior.json. Measured on the demo
+(docs/results.md section 2): test GLUE average of the seven label tasks 0.670 -> 0.676, CoLA MCC 0.186 -> 0.220.
+STS-B's bins get none: its answer is an expectation, and Pearson ignores a shift of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .files import write_atomic
+from .tasks import Example
+
+FILE = "label_prior.json"
+# L2 weight on the offsets: with 16 examples of 2-3 labels the unregularised fit can run off to a one-label
+# answer; 0.01 kept BoolQ/CB's fits and barely moved the held-out figures (scratch sweep 0 / 0.01 / 0.1). With
+# a trained task's hundreds of validation rows it is negligible.
+OFFSET_L2 = 0.01
+
+
+def fit_label_offsets(loglik: torch.Tensor, gold: Sequence[int], l2: float = OFFSET_L2) -> np.ndarray:
+    """Offsets b [L] minimising the mean CE of softmax(loglik + b) on the examples (loglik [n, L], gold the
+    label index of each) + l2 |b|^2, centred (adding a constant changes no probability). Convex: L-BFGS."""
+    scores = loglik.detach().double().cpu()
+    target = torch.as_tensor(list(gold), dtype=torch.long)
+    b = torch.zeros(scores.size(1), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(scores + b, target) + l2 * (b**2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    b = b.detach()
+    return (b - b.mean()).numpy().astype(np.float32)
+
+
+@dataclass(frozen=True)
+class LabelPrior:
+    """The fitted offsets of a trained model's label tasks ({task: one per label, in the task's label order})."""
+
+    offsets: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    rows: int = 0  # held-out rows they were fitted on
+
+    def of(self, task: str) -> tuple[float, ...] | None:
+        return self.offsets.get(task)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / FILE
+        text = json.dumps({"offsets": {t: list(v) for t, v in self.offsets.items()}, "rows": self.rows}, indent=1)
+        write_atomic(path, lambda tmp: tmp.write_text(text))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> LabelPrior | None:
+        """The prior stored with a checkpoint, or None when it has none (fitted before label priors existed)."""
+        path = Path(directory) / FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            offsets = {str(t): tuple(float(x) for x in v) for t, v in data["offsets"].items()}
+            prior = cls(offsets, int(data["rows"]))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"{path} is not a valid label prior ({exc}); refit it with `pha calibrate`") from exc
+        bad = [t for t, v in prior.offsets.items() if not np.all(np.isfinite(v))]
+        if bad:
+            raise ValueError(f"{path}: non-finite offsets for {bad}; refit it with `pha calibrate`")
+        return prior
+
+
+def fit_label_prior(model, splits: Mapping[str, Sequence[Example]], batch_size: int = 64) -> LabelPrior:
+    """Offsets for every label task of a trained model, fitted on its held-out rows ({task: examples}) scored
+    with the task given, as `pha eval` and the server score them."""
+    from .scoring import AnswerSpace, candidate_ids, label_log_likelihoods
+
+    model.eval()
+    offsets, rows = {}, 0
+    for task in model.tasks:
+        space, examples = AnswerSpace.of_task(task), list(splits.get(task, ()))
+        if space is None or space.regression or not examples:
+            continue
+        ids = candidate_ids(model.backbone, space)
+        loglik = []
+        with torch.inference_mode():
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start : start + batch_size]
+                gold = model.task_ids([task] * len(chunk))
+                hidden, mask = model.encode(model.source([e.input for e in chunk]), gold)
+                z = model.instance_vectors(hidden, mask) if model.retriever is not None else None
+                adapters = model.decoder_adapters(gold, z)
+                loglik += label_log_likelihoods(model, hidden, mask, adapters, [ids] * len(chunk))
+        unknown = sorted({e.target for e in examples} - set(space.words))
+        if unknown:
+            raise ValueError(f"{task}: held-out targets {unknown} are not among its labels {list(space.words)}")
+        gold_labels = [space.words.index(e.target) for e in examples]
+        offsets[task] = tuple(float(x) for x in fit_label_offsets(torch.stack(loglik), gold_labels))
+        rows += len(examples)
+    return LabelPrior(offsets, rows)
