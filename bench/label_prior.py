@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import machine  # noqa: E402
 from pha_core.checkpoint import load_checkpoint  # noqa: E402
 from pha_core.data import data_dir_from_env, load_splits  # noqa: E402
-from pha_core.label_prior import LabelPrior  # noqa: E402
-from pha_core.scoring import AnswerSpace, candidate_ids, label_log_likelihoods  # noqa: E402
+from pha_core.label_prior import LabelPrior, task_log_likelihoods  # noqa: E402
+from pha_core.scoring import AnswerSpace  # noqa: E402
 
 ECE_BINS = 10  # equal-width bins of the top probability, the usual reliability-diagram choice
 
@@ -39,18 +39,6 @@ def expected_calibration_error(probs: np.ndarray, gold: np.ndarray) -> float:
             if (m := which == b).any()
         )
     )
-
-
-@torch.inference_mode()
-def log_likelihoods(model, task: str, rows, space: AnswerSpace) -> torch.Tensor:
-    ids, out = candidate_ids(model.backbone, space), []
-    for start in range(0, len(rows), 64):
-        chunk = rows[start : start + 64]
-        gold = model.task_ids([task] * len(chunk))
-        hidden, mask = model.encode(model.source([e.input for e in chunk]), gold)
-        adapters = model.decoder_adapters(gold, model.instance_vectors(hidden, mask))
-        out += label_log_likelihoods(model, hidden, mask, adapters, [ids] * len(chunk))
-    return torch.stack(out).double()
 
 
 def figures(loglik: torch.Tensor, offsets, gold: np.ndarray) -> dict[str, float]:
@@ -77,7 +65,7 @@ def main() -> None:
     report: dict = {"checkpoint": Path(args.checkpoint).name, "machine": machine(), "tasks": {}}
     for task in tasks:
         space, rows = AnswerSpace.of_task(task), splits[task]["test"]
-        loglik = log_likelihoods(model, task, rows, space)
+        loglik = task_log_likelihoods(model, task, rows)
         gold = np.array([space.words.index(e.target) for e in rows])
         entry = {"n": len(rows), "without": figures(loglik, [0.0] * len(space.words), gold)}
         entry["with"] = figures(loglik, prior.of(task), gold)

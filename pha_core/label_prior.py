@@ -84,10 +84,26 @@ class LabelPrior:
         return prior
 
 
+@torch.inference_mode()
+def task_log_likelihoods(model, task: str, examples: Sequence[Example], batch_size: int = 64) -> torch.Tensor:
+    """Every label's log-likelihood [n, L] for rows of one label task, with the task given (its own adapters),
+    before any offset: what the prior is fitted on."""
+    from .scoring import AnswerSpace, candidate_ids, label_log_likelihoods
+
+    ids, loglik = candidate_ids(model.backbone, AnswerSpace.of_task(task)), []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        gold = model.task_ids([task] * len(chunk))
+        hidden, mask = model.encode(model.source([e.input for e in chunk]), gold)
+        z = model.instance_vectors(hidden, mask) if model.retriever is not None else None
+        loglik += label_log_likelihoods(model, hidden, mask, model.decoder_adapters(gold, z), [ids] * len(chunk))
+    return torch.stack(loglik).double()
+
+
 def fit_label_prior(model, splits: Mapping[str, Sequence[Example]], batch_size: int = 64) -> LabelPrior:
     """Offsets for every label task of a trained model, fitted on its held-out rows ({task: examples}) scored
     with the task given, as `pha eval` and the server score them."""
-    from .scoring import AnswerSpace, candidate_ids, label_log_likelihoods
+    from .scoring import AnswerSpace
 
     model.eval()
     offsets, rows = {}, 0
@@ -95,20 +111,11 @@ def fit_label_prior(model, splits: Mapping[str, Sequence[Example]], batch_size: 
         space, examples = AnswerSpace.of_task(task), list(splits.get(task, ()))
         if space is None or space.regression or not examples:
             continue
-        ids = candidate_ids(model.backbone, space)
-        loglik = []
-        with torch.inference_mode():
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start : start + batch_size]
-                gold = model.task_ids([task] * len(chunk))
-                hidden, mask = model.encode(model.source([e.input for e in chunk]), gold)
-                z = model.instance_vectors(hidden, mask) if model.retriever is not None else None
-                adapters = model.decoder_adapters(gold, z)
-                loglik += label_log_likelihoods(model, hidden, mask, adapters, [ids] * len(chunk))
+        loglik = task_log_likelihoods(model, task, examples, batch_size)
         unknown = sorted({e.target for e in examples} - set(space.words))
         if unknown:
             raise ValueError(f"{task}: held-out targets {unknown} are not among its labels {list(space.words)}")
         gold_labels = [space.words.index(e.target) for e in examples]
-        offsets[task] = tuple(float(x) for x in fit_label_offsets(torch.stack(loglik), gold_labels))
+        offsets[task] = tuple(float(x) for x in fit_label_offsets(loglik, gold_labels))
         rows += len(examples)
     return LabelPrior(offsets, rows)
