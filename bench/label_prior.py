@@ -3,9 +3,10 @@
     python bench/label_prior.py pha_core/assets/demo --output bench/results/label_prior_demo_cpu.json
 
 For every label task of the checkpoint: the test rows (split seed 42, --max-eval per task, the rows `pha eval`
-scores) with the task given, their labels' log-likelihoods once, then P(label | x) without and with the offsets
-of label_prior.json. Prints and writes accuracy, log-loss and expected calibration error (10 bins of the top
-probability) of both, per task and on average, with the machine it ran on.
+scores) with the task given, their labels' log-likelihoods once, then P(label | x) three ways: "without" (the
+decoder's probabilities), "offsets" (label_prior.json's offsets alone) and "with" (offsets and temperature, what
+`pha eval` and the server use). Prints and writes accuracy, log-loss and expected calibration error (10 bins of
+the top probability) of each, per task and on average, with the machine it ran on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import machine  # noqa: E402
 from pha_core.checkpoint import load_checkpoint  # noqa: E402
 from pha_core.data import data_dir_from_env, load_splits  # noqa: E402
+from pha_core.files import write_atomic  # noqa: E402
 from pha_core.label_prior import LabelPrior, task_log_likelihoods  # noqa: E402
 from pha_core.scoring import AnswerSpace  # noqa: E402
 
@@ -41,8 +43,8 @@ def expected_calibration_error(probs: np.ndarray, gold: np.ndarray) -> float:
     )
 
 
-def figures(loglik: torch.Tensor, offsets, gold: np.ndarray) -> dict[str, float]:
-    probs = torch.softmax(loglik + torch.tensor(offsets, dtype=torch.float64), dim=1).numpy()
+def figures(loglik: torch.Tensor, offsets, gold: np.ndarray, temperature: float = 1.0) -> dict[str, float]:
+    probs = torch.softmax((loglik + torch.tensor(offsets, dtype=torch.float64)) / temperature, dim=1).numpy()
     return {
         "accuracy": float((probs.argmax(axis=1) == gold).mean()),
         "log_loss": float(-np.log(probs[np.arange(len(gold)), gold]).mean()),
@@ -68,24 +70,27 @@ def main() -> None:
         loglik = task_log_likelihoods(model, task, rows)
         gold = np.array([space.words.index(e.target) for e in rows])
         entry = {"n": len(rows), "without": figures(loglik, [0.0] * len(space.words), gold)}
-        entry["with"] = figures(loglik, prior.of(task), gold)
+        entry["offsets"] = figures(loglik, prior.of(task), gold)
+        entry["with"] = figures(loglik, prior.of(task), gold, prior.temperature_of(task))
+        entry["temperature"] = prior.temperature_of(task)
         report["tasks"][task] = entry
         print(
             f"{task:<6} n={len(rows):<4} "
             + "  ".join(
                 f"{k}: acc {v['accuracy']:.3f} log-loss {v['log_loss']:.3f} ECE {v['ece']:.3f}"
                 for k, v in entry.items()
-                if k != "n"
-            ),
+                if isinstance(v, dict)
+            )
+            + f"  T {entry['temperature']:.2f}",
             flush=True,
         )
-    for side in ("without", "with"):
+    for side in ("without", "offsets", "with"):
         report[side] = {
             m: float(np.mean([t[side][m] for t in report["tasks"].values()])) for m in ("accuracy", "log_loss", "ece")
         }
         print(f"mean {side}: " + ", ".join(f"{m} {v:.4f}" for m, v in report[side].items()))
     if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=1))
+        write_atomic(Path(args.output), lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ def predict_examples(
     decoding "rank" (the default) answers within each task's answer space (scoring.py: label words, STS-B's
     bins), so every output is valid for the task that answers it; "greedy" writes freely. A row routed to
     another task answers within that task's space, as the server does. `prior`: the label tasks' fitted
-    offsets (label_prior.py), as the server applies them; None: the decoder's probabilities as they are.
+    offsets and temperatures (label_prior.py), as the server applies them; None: the decoder's probabilities as
+    they are.
     """
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
@@ -46,7 +47,7 @@ def predict_examples(
     ids_of: dict = {}
 
     def answers(hidden, mask, adapters, tasks: list[str]) -> list[str]:
-        spaces = [AnswerSpace.of_task(t, prior.of(t) if prior else None) for t in tasks]
+        spaces = [prior.space_of(t) if prior else AnswerSpace.of_task(t) for t in tasks]
         if decoding == "greedy" or any(s is None for s in spaces):
             return [bb.decode_text(row) for row in model.greedy_decode(hidden, mask, adapters, new_tokens)]
         return [s.output for s in rank(model, hidden, mask, adapters, spaces, ids_of)]

@@ -47,6 +47,9 @@ MAX_PAIRS = 32
 # the pairs from its cache): a small batch's decoder pass costs what streaming its weights costs (~3 ms for
 # MiniLM's 6 layers on 2 CPU cores), ~100 tokens of cross-attention projections.
 SHARED_CACHE_MIN_TOKENS = 96
+# What a label temperature may be. Outside it the probabilities are one-hot or uniform to three decimals (label
+# log-likelihoods span a few tens of nats), and a tiny T would overflow them to inf/NaN.
+TEMPERATURE_BOUNDS = (0.01, 100.0)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ class AnswerSpace:
     # Added to each word's log-likelihood before the softmax: the task's label prior, fitted on held-out rows
     # or an adapted task's k examples (label_prior.py); None: none.
     offsets: tuple[float, ...] | None = None
+    # Divides the (offset) log-likelihoods before the softmax: > 1 softens over-confident probabilities. Fitted
+    # after the offsets on the same held-out rows (label_prior.py), so it never changes which label wins.
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.words:
@@ -68,27 +74,33 @@ class AnswerSpace:
             raise ValueError(f"{len(self.offsets)} label offsets for {len(self.words)} labels")
         if self.offsets is not None and not all(math.isfinite(x) for x in self.offsets):
             raise ValueError("label offsets must be finite numbers")
+        low, high = TEMPERATURE_BOUNDS
+        if not low <= self.temperature <= high:  # NaN fails this too
+            raise ValueError(f"label temperature must be a number in [{low}, {high}], got {self.temperature!r}")
         if self.regression:
             [float(w) for w in self.words]  # every bin must be a number
 
     @classmethod
-    def of_task(cls, name: str, offsets: Sequence[float] | None = None) -> AnswerSpace | None:
-        """The answer space of a known task (STS-B: its 0.2 bins), with its fitted label prior (label_prior.py)
-        when there is one; None for tasks without a space."""
+    def of_task(cls, name: str, offsets: Sequence[float] | None = None, temperature: float = 1.0) -> AnswerSpace | None:
+        """The answer space of a known task (STS-B: its 0.2 bins), with its fitted label prior and temperature
+        (label_prior.py) when it has them; None for tasks without a space."""
         spec = get_task(name)
         if spec.labels is not None:
-            return cls.of_labels(spec.labels, offsets)
+            return cls.of_labels(spec.labels, offsets, temperature)
         return cls(STSB_BINS, regression=True) if name == "stsb" else None
 
     @classmethod
-    def of_labels(cls, labels: Sequence[str] | None, offsets: Sequence[float] | None = None) -> AnswerSpace | None:
+    def of_labels(
+        cls, labels: Sequence[str] | None, offsets: Sequence[float] | None = None, temperature: float = 1.0
+    ) -> AnswerSpace | None:
         if not labels:
             return None
         try:
             values = None if offsets is None else tuple(float(x) for x in offsets)
+            scale = float(temperature)
         except (TypeError, ValueError):
-            raise ValueError("label offsets must be finite numbers") from None
-        return cls(tuple(labels), offsets=values)
+            raise ValueError("label offsets and temperature must be finite numbers") from None
+        return cls(tuple(labels), offsets=values, temperature=scale)
 
 
 @dataclass(frozen=True)
@@ -268,7 +280,7 @@ def answer(space: AnswerSpace, loglik: torch.Tensor) -> Scored:
     """Label probabilities from sequence log-likelihoods, and the answer they give."""
     if space.offsets is not None:
         loglik = loglik + torch.tensor(space.offsets, dtype=loglik.dtype)
-    probs = torch.softmax(loglik.double(), dim=0)
+    probs = torch.softmax(loglik.double() / space.temperature, dim=0)
     table = {word: float(p) for word, p in zip(space.words, probs.tolist(), strict=True)}
     if space.regression:
         value = sum(float(word) * p for word, p in table.items())

@@ -140,12 +140,14 @@ class RegistrySync:
             tensors = AdaptedTensors.from_bytes(change.tensors or b"", self.n_layers)
             if tensors.prototype.shape != tensors.key.shape:
                 raise ValueError("its prototype and key differ in size")
-            offsets = None
-            if task.label_offsets is not None:  # one finite number per label, or the record is refused
+            offsets, temperature = None, float(task.label_temperature)
+            if task.label_offsets is not None or temperature != 1.0:
                 if not task.labels:
-                    raise ValueError("it has label offsets but no labels")
-                offsets = AnswerSpace.of_labels(task.labels, task.label_offsets).offsets
-        except ValueError as exc:
+                    raise ValueError("it has a label prior but no labels")
+                # one finite number per label and a finite temperature > 0, or the record is refused
+                space = AnswerSpace.of_labels(task.labels, task.label_offsets, temperature)
+                offsets, temperature = space.offsets, space.temperature
+        except (ValueError, TypeError) as exc:  # TypeError: a field of the wrong JSON type (null, a list)
             self._refuse(task.name, f"registry record {task.name!r} (change {change.seq}) is not servable: {exc}")
             return None
         self.refused.pop(task.name, None)
@@ -162,6 +164,7 @@ class RegistrySync:
             spread=Spread(*task.spread) if task.spread else None,
             created=_created(task.created),
             label_offsets=offsets,
+            label_temperature=temperature,
         )
 
     def _refuse(self, name: str, error: str) -> None:

@@ -53,14 +53,16 @@ class TaskEntry:
     spread: Spread | None = None  # where its held-out rows' route cosines lie (typicality); None: not fitted
     # per label, added to its log-likelihood (label_prior.py); None: none
     label_offsets: tuple[float, ...] | None = None
+    # divides the label log-likelihoods before the softmax (label_prior.py): fitted for trained tasks, else 1
+    label_temperature: float = 1.0
 
     @property
     def answers(self) -> AnswerSpace | None:
         """What the task answers with: its label words (rank classification; a known task's own, e.g. STS-B's
         0.2 bins) with the label prior it was fitted with, or None: free generation."""
         if self.source == "trained" and self.name in TASKS:
-            return AnswerSpace.of_task(self.name, self.label_offsets)
-        return AnswerSpace.of_labels(self.labels, self.label_offsets)
+            return AnswerSpace.of_task(self.name, self.label_offsets, self.label_temperature)
+        return AnswerSpace.of_labels(self.labels, self.label_offsets, self.label_temperature)
 
     @property
     def routing_key(self) -> np.ndarray:
@@ -113,9 +115,10 @@ def trained_entries(
     examples: int | None = None,
     spreads: Mapping[str, Spread] | None = None,
     label_offsets: Mapping[str, Sequence[float]] | None = None,
+    label_temperatures: Mapping[str, float] | None = None,
 ) -> list[TaskEntry]:
     """Entries for a model's trained tasks; template and labels come from the task catalogue when known, the
-    label prior (`label_offsets`, per task) from the checkpoint's label_prior.json."""
+    label prior (`label_offsets` and `label_temperatures`, per task) from the checkpoint's label_prior.json."""
     entries = []
     for name, vector in zip(tasks, prototypes, strict=True):
         spec = TASKS.get(name)
@@ -130,6 +133,7 @@ def trained_entries(
                 examples=examples,
                 spread=(spreads or {}).get(name),
                 label_offsets=_offsets((label_offsets or {}).get(name)),
+                label_temperature=float((label_temperatures or {}).get(name, 1.0)),
             )
         )
     return entries
@@ -234,6 +238,7 @@ class TaskCatalog:
         examples: int | None = None,
         spread: Spread | None = None,
         label_offsets: Iterable[float] | None = None,
+        label_temperature: float = 1.0,
     ) -> TaskEntry:
         """Add or replace an adapted task. Idempotent: the same task again changes nothing (jobs may re-run)."""
         new = TaskEntry(
@@ -247,6 +252,7 @@ class TaskCatalog:
             examples=examples,
             spread=spread,
             label_offsets=tuple(label_offsets) if label_offsets is not None else None,
+            label_temperature=label_temperature,
         )
         return self.upsert_many([new])[0]
 
@@ -304,4 +310,4 @@ class TaskCatalog:
 
 
 def _metadata(entry: TaskEntry) -> tuple:
-    return entry.template, entry.labels, entry.spread, entry.examples, entry.label_offsets
+    return entry.template, entry.labels, entry.spread, entry.examples, entry.label_offsets, entry.label_temperature

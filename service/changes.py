@@ -127,6 +127,7 @@ class TaskChanges:
             template=body.template,
             spread=list(body.spread) if body.spread is not None else None,
             label_offsets=list(body.label_offsets) if body.label_offsets is not None else None,
+            label_temperature=body.label_temperature,
         )
         tensors = AdaptedTensors(vector, key, None).to_bytes()
         try:

@@ -255,6 +255,11 @@ class PrototypeInfo(BaseModel):
         description="per label (in `labels` order), added to its log-likelihood before the probabilities: the "
         "label prior an adapted task was fitted with on its examples; null: none",
     )
+    label_temperature: float = Field(
+        1.0,
+        description="divides the (offset) label log-likelihoods before the probabilities: fitted on held-out rows "
+        "for a trained task (> 1 softens an over-confident decoder; never changes the winning label); 1: none",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -419,6 +424,13 @@ class ImportRequest(BaseModel):
     label_offsets: list[FiniteFloat] | None = Field(
         None, description="one per label: its log-likelihood offset, as GET /prototypes/{name} exports it"
     )
+    label_temperature: FiniteFloat = Field(
+        1.0,
+        ge=0.01,  # the bounds pha_core.scoring.TEMPERATURE_BOUNDS serves
+        le=100.0,
+        description="divides the label log-likelihoods before the probabilities, as GET /prototypes/{name} "
+        "exports it (0.01-100; 1: none); needs labels",
+    )
     replace: StrictBool = Field(False, description="overwrite an adapted task of the same name")
 
     @model_validator(mode="after")
@@ -428,6 +440,8 @@ class ImportRequest(BaseModel):
                 f"label_offsets has {len(self.label_offsets)} numbers for {len(self.labels or [])} labels: "
                 "give one per label, in the order of labels"
             )
+        if self.label_temperature != 1.0 and not self.labels:
+            raise ValueError("label_temperature needs labels: give the label words, or leave it at 1")
         return self
 
     @field_validator("spread")

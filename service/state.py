@@ -76,9 +76,15 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
         engine.config.proto_dim, nprobe=settings.faiss_nprobe, ivf_threads=settings.faiss_ivf_threads
     )
     spreads = loaded.calibration.spreads if loaded.calibration is not None else None
-    offsets = loaded.label_prior.offsets if loaded.label_prior is not None else None
+    prior = loaded.label_prior
     entries = trained_entries(
-        engine.tasks, engine.trained_prototypes(), loaded.created, loaded.examples, spreads, offsets
+        engine.tasks,
+        engine.trained_prototypes(),
+        loaded.created,
+        loaded.examples,
+        spreads,
+        prior.offsets if prior is not None else None,
+        prior.temperatures if prior is not None else None,
     )
     catalog = TaskCatalog(index, entries)
     redis_tier = None

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pha_core.evaluate import predict_examples
-from pha_core.label_prior import FILE, LabelPrior, fit_label_offsets, fit_label_prior
+from pha_core.label_prior import FILE, LabelPrior, fit_label_offsets, fit_label_prior, fit_temperature
 from pha_core.model import PHAModel
 from pha_core.tasks import Example
 from tests.support.tiny import tiny_config
@@ -47,9 +47,10 @@ def test_a_trained_models_label_tasks_get_one_offset_per_label_and_stsb_none(mod
 
 
 def test_label_prior_files_round_trip_and_bad_ones_are_named(tmp_path):
-    prior = LabelPrior({"sst2": (0.25, -0.25), "mnli": (0.1, 0.2, -0.3)}, rows=900)
+    prior = LabelPrior({"sst2": (0.25, -0.25), "mnli": (0.1, 0.2, -0.3)}, rows=900, temperatures={"sst2": 1.7})
     prior.save(tmp_path)
     assert LabelPrior.load(tmp_path) == prior
+    assert prior.temperature_of("sst2") == 1.7 and prior.temperature_of("mnli") == 1.0  # none fitted: 1
     assert LabelPrior.load(tmp_path / "none") is None
     (tmp_path / FILE).write_text(json.dumps({"offsets": {"sst2": ["x", 1]}, "rows": 3}))
     with pytest.raises(ValueError, match="pha calibrate"):
@@ -57,3 +58,39 @@ def test_label_prior_files_round_trip_and_bad_ones_are_named(tmp_path):
     (tmp_path / FILE).write_text('{"offsets": {"sst2": [NaN, 1]}, "rows": 3}')
     with pytest.raises(ValueError, match="non-finite offsets for \\['sst2'\\]"):
         LabelPrior.load(tmp_path)
+    (tmp_path / FILE).write_text(json.dumps({"offsets": {"sst2": [1, 0]}, "rows": 3, "temperatures": {"sst2": 0}}))
+    with pytest.raises(ValueError, match="temperatures of \\['sst2'\\] are not in"):
+        LabelPrior.load(tmp_path)
+    # A file fitted before temperatures existed loads, with T = 1 for every task.
+    (tmp_path / FILE).write_text(json.dumps({"offsets": {"sst2": [1, 0]}, "rows": 3}))
+    assert LabelPrior.load(tmp_path).temperature_of("sst2") == 1.0
+
+
+def test_a_temperature_fit_recovers_how_over_confident_the_scores_are():
+    """Labels drawn from softmax(s / 2.5): the scores are 2.5 times too sharp, and the fit says so."""
+    generator = torch.Generator().manual_seed(0)
+    scores = 4 * torch.randn(4000, 3, generator=generator, dtype=torch.float64)
+    gold = torch.multinomial(torch.softmax(scores / 2.5, dim=1), 1, generator=generator)[:, 0].tolist()
+    assert fit_temperature(scores, gold) == pytest.approx(2.5, rel=0.08)
+    # Scores that already are the probabilities the labels follow: T stays near 1.
+    gold = torch.multinomial(torch.softmax(scores, dim=1), 1, generator=generator)[:, 0].tolist()
+    assert fit_temperature(scores, gold) == pytest.approx(1.0, rel=0.08)
+
+
+def test_the_temperature_softens_the_probabilities_but_never_changes_an_answer(model):
+    held_out = {"sst2": rows("sst2", "negative", 12) + rows("sst2", "positive", 12)}
+    fitted = fit_label_prior(model, held_out)
+    assert fitted.temperature_of("sst2") > 0 and set(fitted.temperatures) == {"sst2"}
+    sharp = LabelPrior(fitted.offsets, fitted.rows, {"sst2": 0.2})
+    soft = LabelPrior(fitted.offsets, fitted.rows, {"sst2": 5.0})
+    examples = held_out["sst2"]
+    assert (
+        predict_examples(model, examples, prior=sharp)["given"]
+        == predict_examples(model, examples, prior=soft)["given"]
+    )
+    from pha_core.label_prior import task_log_likelihoods
+    from pha_core.scoring import answer
+
+    loglik = task_log_likelihoods(model, "sst2", examples[:1])[0]
+    top = {T: max(answer(p.space_of("sst2"), loglik).probabilities.values()) for T, p in [(0.2, sharp), (5, soft)]}
+    assert 0.5 <= top[5] < top[0.2]

@@ -121,6 +121,18 @@ def test_answer_space_refuses_bad_candidates():
         AnswerSpace.of_labels(["yes", "no"], [0.5, float("nan")])
     with pytest.raises(ValueError, match="finite"):
         AnswerSpace.of_labels(["yes", "no"], [0.5, None])
+    for bad in (0.0, -1.0, 1e-300, 1e6, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a number in"):
+            AnswerSpace.of_labels(["yes", "no"], None, bad)
+
+
+def test_a_temperature_divides_the_offset_log_likelihoods_and_keeps_the_answer():
+    loglik = torch.tensor([-0.1, -2.5, -4.0])
+    plain = answer(AnswerSpace.of_labels(["a", "b", "c"], [0.0, 1.0, 0.0]), loglik)
+    soft = answer(AnswerSpace.of_labels(["a", "b", "c"], [0.0, 1.0, 0.0], 2.0), loglik)
+    expected = torch.softmax((loglik.double() + torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)) / 2.0, dim=0)
+    assert [soft.probabilities[w] for w in "abc"] == pytest.approx(expected.tolist())
+    assert soft.output == plain.output == "a" and soft.probabilities["a"] < plain.probabilities["a"]
 
 
 def test_greedy_decoding_stays_available(model):

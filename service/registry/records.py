@@ -64,6 +64,7 @@ class RegisteredTask:
     template: str | None = None
     spread: list[float] | None = None  # [center, scale] of its examples' route cosines (typicality); None: none
     label_offsets: list[float] | None = None  # one per label: its fitted log-likelihood offset; None: none
+    label_temperature: float = 1.0  # divides the label log-likelihoods (an imported trained task's); 1: none
 
     @classmethod
     def adapted(

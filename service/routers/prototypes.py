@@ -28,6 +28,7 @@ def _info(entry: TaskEntry, include_vector: bool = False) -> PrototypeInfo:
         key=[float(x) for x in entry.key] if include_vector and entry.key is not None else None,
         spread=(entry.spread.center, entry.spread.scale) if entry.spread is not None else None,
         label_offsets=list(entry.label_offsets) if entry.label_offsets is not None else None,
+        label_temperature=entry.label_temperature,
     )
 
 

@@ -321,6 +321,19 @@ def test_corrupt_records_and_an_unreadable_store_are_refused_and_the_rest_served
         refused("label offsets that do not fit the labels", "'fourth'", "2 label offsets for 3 labels")
         assert client.get("/prototypes/fourth").status_code == 404
 
+        # A temperature that is not a number > 0 (a hand-edited or corrupt record): refused the same way.
+        for seq, (name, value, says) in enumerate(
+            [("fifth", -1.0, "temperature must be a number in"), ("sixth", None, "not servable")], start=6
+        ):
+            cold = RegisteredTask(
+                name=name, mode="prototype", job_id=f"job-{seq}", model_version=model, labels=["a", "b"]
+            )
+            cold.label_temperature = value  # type: ignore[assignment]
+            body = cold.to_json()
+            _raw_row(registry, name, seq, body, tensors, digest(body, tensors))
+            refused(f"label temperature {value}", f"'{name}'", says)
+            assert client.get(f"/prototypes/{name}").status_code == 404
+
         # The file's header zeroed: a replica starting on it starts (trained tasks), says why, and serves.
         with sqlite3.connect(registry / "registry.sqlite3") as db:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file, none in the WAL
@@ -338,4 +351,4 @@ def test_corrupt_records_and_an_unreadable_store_are_refused_and_the_rest_served
     print(f"REGISTRY faults_injected={len(errors_seen)} errors_counted={total_errors:.0f} last_good_served=yes")
     for case, error in errors_seen.items():
         print(f"  {case}: {error}")
-    assert follower_alive and len(errors_seen) == 4  # every injected fault was noticed and named
+    assert follower_alive and len(errors_seen) == 6  # every injected fault was noticed and named

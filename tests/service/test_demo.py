@@ -119,3 +119,8 @@ def test_the_demo_serves_its_trained_tasks_with_their_fitted_label_prior(client)
     assert catalog.get("stsb").answers.offsets is None
     exported = client.get("/prototypes/mnli").json()
     assert exported["label_offsets"] == pytest.approx(list(prior.of("mnli")))
+    # ... and each label task's fitted temperature (the demo's decoder is over-confident: T > 1 on every one).
+    assert set(prior.temperatures) == set(prior.offsets) and min(prior.temperatures.values()) > 1.0
+    assert catalog.get("cola").answers.temperature == pytest.approx(prior.temperature_of("cola"))
+    assert exported["label_temperature"] == pytest.approx(prior.temperature_of("mnli"))
+    assert catalog.get("stsb").answers.temperature == 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tests.support.app import running_app
@@ -55,6 +57,9 @@ def test_an_exported_task_imports_under_a_new_name_and_answers_like_the_original
         ({"spread": [0.8, 0.0]}, 422, "must be > 0"),
         ({"spread": [0.8]}, 422, "at least 2"),
         ({"label_offsets": [0.5]}, 422, "one per label"),
+        ({"label_temperature": 0}, 422, "greater than or equal to 0.01"),
+        ({"label_temperature": 1e6}, 422, "less than or equal to 100"),
+        ({"labels": None, "label_temperature": 2.0}, 422, "label_temperature needs labels"),
     ],
 )
 def test_bad_imports_are_refused_and_nothing_is_registered(client, change, status, says):
@@ -91,3 +96,18 @@ def test_imported_label_offsets_shift_the_probabilities_and_are_exported(client)
     first, second = body["labels"][0], body["labels"][1]
     ratio = (shifted["probabilities"][first] / shifted["probabilities"][second]) / (plain[first] / plain[second])
     assert ratio == pytest.approx(2.718281828**3, rel=1e-3)
+
+
+def test_an_imported_label_temperature_softens_the_probabilities_and_is_exported(client):
+    body = _export(client, "mnli")
+    assert client.get("/prototypes/mnli").json()["label_temperature"] == 1.0  # the tiny model has no fitted prior
+    assert client.put("/prototypes/nli-soft", json={**body, "label_temperature": 2.0}, headers=AUTH).status_code == 201
+    assert client.get("/prototypes/nli-soft").json()["label_temperature"] == 2.0
+    plain = client.post("/predict", json={"inputs": MNLI, "task": "mnli"}).json()["predictions"][0]
+    soft = client.post("/predict", json={"inputs": MNLI, "task": "nli-soft"}).json()["predictions"][0]
+    assert soft["output"] == plain["output"]  # a temperature never changes the winning label
+    first, second = body["labels"][0], body["labels"][1]
+    # log(p1/p2) is divided by T: the log-odds of any two labels halve.
+    log_odds = math.log(plain["probabilities"][first] / plain["probabilities"][second])
+    soft_odds = math.log(soft["probabilities"][first] / soft["probabilities"][second])
+    assert soft_odds == pytest.approx(log_odds / 2, rel=1e-3, abs=1e-6)
