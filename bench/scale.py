@@ -150,7 +150,7 @@ def replica(kind: str, where: str, n: int, z_path: Path) -> dict:
     from service.adaptation import RegistrySync
     from service.catalog import TaskCatalog, trained_entries
     from service.loader import load_model
-    from service.routing import PrototypeIndex, search_thread
+    from service.routing import REDUCED_DIMS, REFINE, PrototypeIndex, search_thread
     from service.settings import Settings
     from service.telemetry import Metrics
 
@@ -245,7 +245,13 @@ def replica(kind: str, where: str, n: int, z_path: Path) -> dict:
         "recall_at_1": recall,
         "recall_at_1_within_0.005": float(np.mean(regret <= 0.005)),
         "regret_p99": float(np.percentile(regret, 99)),
-        "index": {"flat_max": index.flat_max, "nprobe": index.nprobe, "ivf_threads": index.ivf_threads},
+        "index": {
+            "flat_max": index.flat_max,
+            "nprobe": index.nprobe,
+            "ivf_threads": index.ivf_threads,
+            "reduced_dims": REDUCED_DIMS,
+            "refine": REFINE,
+        },
     }
 
 

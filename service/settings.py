@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         "thread waits for routing meanwhile)",
     )
     faiss_nprobe: int = Field(
-        64, ge=1, description="IVF cells read per query in large groups: recall against speed (docs/serving.md)"
+        96, ge=1, description="IVF cells read per query in large groups: recall against speed (docs/serving.md)"
     )
     min_route_score: float = Field(-1.0, ge=-1.0, le=1.0, description="cosine below which a route is low")
     low_score_action: Literal["flag", "refuse"] = Field(
