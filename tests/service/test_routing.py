@@ -191,3 +191,19 @@ def test_adapted_task_with_its_own_routing_key_and_adapters(tiny_checkpoint):
         labels = state.catalog.get("mnli").labels
         state.catalog.upsert("explicit", rte, adapters=engine.adapters_for_prototype(mnli), labels=labels)
         assert answer(task="explicit")["output"] == answer(task="mnli")["output"]
+
+
+def test_scan_codes_keep_inner_products_in_the_keys_directions():
+    """The codes project onto the top directions of the keys' uncentred second moment: for keys and queries in
+    a low-dimensional span (as retrieval vectors near a few task clusters are), code inner products equal the
+    exact ones, which a centred projection would not give (its mean term moves every key's score)."""
+    from service.routing import top_directions
+
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((32, 4)))[0].T  # 4 orthonormal directions in 32 dims
+    keys = 1.0 + rng.standard_normal((500, 4)) @ basis  # off-centre, so centring would matter
+    queries = rng.standard_normal((20, 4)) @ basis
+    projection = top_directions(keys.astype(np.float32), 5)
+    assert projection.shape == (32, 5)
+    exact, coded = queries @ keys.T, (queries @ projection) @ (keys @ projection).T
+    assert np.allclose(coded, exact, atol=1e-3)
