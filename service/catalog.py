@@ -238,7 +238,6 @@ class TaskCatalog:
         examples: int | None = None,
         spread: Spread | None = None,
         label_offsets: Iterable[float] | None = None,
-        label_temperature: float = 1.0,
     ) -> TaskEntry:
         """Add or replace an adapted task. Idempotent: the same task again changes nothing (jobs may re-run)."""
         new = TaskEntry(
@@ -252,7 +251,6 @@ class TaskCatalog:
             examples=examples,
             spread=spread,
             label_offsets=tuple(label_offsets) if label_offsets is not None else None,
-            label_temperature=label_temperature,
         )
         return self.upsert_many([new])[0]
 

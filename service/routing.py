@@ -179,12 +179,12 @@ class _GroupIndex:
             faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
         )
         ivf.cp.max_points_per_centroid = TRAIN_POINTS_PER_CELL
-        sample = np.random.default_rng(0).permutation(len(ids))[: nlist * TRAIN_POINTS_PER_CELL]
-        ivf.train(vectors[np.sort(sample)])
+        sample = vectors[np.sort(np.random.default_rng(0).permutation(len(ids))[: nlist * TRAIN_POINTS_PER_CELL])]
+        ivf.train(sample)
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         ivf.add_with_ids(vectors, ids)
         self.index, self.trained_at = ivf, len(ids)
-        self.projection = top_directions(vectors[np.sort(sample)], min(REDUCED_DIMS, self.dim))
+        self.projection = top_directions(sample, min(REDUCED_DIMS, self.dim))
         reduced = self.projection.shape[1]
         centroids = ivf.quantizer.reconstruct_n(0, nlist) @ self.projection
         # float16 codes of the projected keys themselves (not residuals: the cells are the full index's), which
