@@ -47,8 +47,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
 def autocast(precision: str, device: torch.device) -> Iterator[None]:
     """The autocast context of a resolved precision (a no-op for fp32).
 
-    On the CPU, bf16 attention takes the math kernel: the fused flash kernel's backward was 8x slower than
-    fp32 there (49 ms vs 6 ms a call, 2 cores with AMX, torch 2.13), while the math kernel's matmuls use AMX.
+    On the CPU, SDPA attention takes the math kernel: the fused flash kernel's backward was 8x slower than
+    fp32 there (49 ms vs 6 ms a call, 2 cores with AMX, torch 2.13). The MiniLM backbone avoids SDPA on the CPU
+    altogether (backbones.ATTENTION_BY_DEVICE); this covers backbones that still call it.
     """
     if precision != "bf16":
         yield

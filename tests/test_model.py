@@ -164,3 +164,20 @@ def test_config_rejects_bad_values():
         tiny_config(variant="magic")
     with pytest.raises(ValueError, match="unique"):
         tiny_config(tasks=["sst2", "sst2"])
+
+
+def test_minilm_attention_kernel_follows_the_device_and_leaves_answers_unchanged():
+    """On the CPU the MiniLM backbone runs eager attention (measured faster there); SDPA gives the same states."""
+    torch.manual_seed(0)
+    model = PHAModel(tiny_config()).eval()
+    bb = model.backbone
+    source = model.source(["sentence: a short one", "sentence: a somewhat longer input sentence here"])
+    bb.encoder.set_attn_implementation("sdpa")
+    bb.decoder.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        reference = bb.frozen_encoder()(input_ids=source.segment_ids, attention_mask=source.segment_mask)
+        hidden = bb.encode(source.segment_ids, source.segment_mask)
+    assert bb.encoder.config._attn_implementation == "eager"
+    assert bb.decoder.config._attn_implementation == "eager"
+    mask = source.segment_mask.bool()
+    torch.testing.assert_close(hidden[mask], reference.last_hidden_state[mask], rtol=1e-4, atol=1e-5)
