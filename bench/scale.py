@@ -149,8 +149,9 @@ def replica(kind: str, where: str, n: int, z_path: Path) -> dict:
     """A fresh replica's figures (runs in its own process)."""
     from service.adaptation import RegistrySync
     from service.catalog import TaskCatalog, trained_entries
+    from service.cell_index import REDUCED_DIMS, REFINE
     from service.loader import load_model
-    from service.routing import REDUCED_DIMS, REFINE, PrototypeIndex, search_thread
+    from service.routing import PrototypeIndex, search_thread
     from service.settings import Settings
     from service.telemetry import Metrics
 

@@ -23,6 +23,12 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
+# A C compiler for the routing index's native scan (service/_cellscan.c), in this stage only: the runtime image
+# gets the built module with the venv. Debian's versions move with security updates, so they are not pinned.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 WORKDIR /src
 # torch first, from the PyTorch CPU index: a plain `pip install torch` on Linux pulls the multi-GB CUDA build.

@@ -16,10 +16,12 @@ FROM ${CUDA_IMAGE} AS build
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 ARG DEBIAN_FRONTEND=noninteractive
-# Ubuntu's own Python (3.12 on 24.04); its package versions move with security updates, so they are not pinned.
+# Ubuntu's own Python (3.12 on 24.04), with its headers and a C compiler for the routing index's native scan
+# (service/_cellscan.c; the runtime stage gets the built module with the venv). Package versions move with
+# security updates, so they are not pinned.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH

@@ -5,12 +5,11 @@ inputs are written with (None: tasks without one), because an input is only ever
 template it fits (catalog.py): a query searches the groups it may go to and the best two are merged, so it
 never pays for tasks it cannot reach.
 
-A group of up to `flat_max` tasks is an exact IndexFlatIP. Above, an inverted file (k-means cells of the keys,
-`nprobe` cells read per query) searched in two steps: the probed cells are scanned on the keys projected onto
-their top REDUCED_DIMS directions (16 float16 numbers a key: an eighth of what a full scan reads), and the best
-REFINE candidates are re-scored exactly on the stored keys. Approximate, with recall@1 measured by
-bench/scale.py. Every part keeps the tasks' own int64 ids and is patched in place (hashtable direct maps make a
-removal O(1)), so one change costs the same at 10 tasks or a million. FAISS CPU indexes are not safe for a
+A group of up to `flat_max` tasks is an exact FAISS IndexFlatIP. Above, an inverted file of k-means cells
+(cell_index.CellIndex): a query reads its `nprobe` nearest cells on 16-number codes of the keys and re-scores
+the best REFINE exactly, in one native call per batch that reads each probed cell once for all its queries.
+Approximate, with recall@1 measured by bench/scale.py. Both keep the tasks' own int64 ids and are patched in
+place (a removal is O(1)), so one change costs about the same at 10 tasks or a million. Neither is safe for a
 search concurrent with a change: one lock covers both (searches run on one routing thread; a change holds the
 lock for well under a millisecond).
 """
@@ -26,22 +25,13 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from service.cell_index import REFINE, CellIndex
+
 Group = str | None  # a template, or None for the tasks without one
 FLAT_MAX = 20_000  # exact search up to here: ~2.6 MFLOP a query, about 1 ms on one core of this VM
 NPROBE = 96  # IVF cells per query: at 1M keys on bench/scale.py's near-tie geometry 64 cells hold the best key
 # for 0.985 of the queries, 80 for 0.994, 96 for 0.996 (the reduced scan makes the extra cells affordable)
-TRAIN_POINTS_PER_CELL = 40  # k-means sample per cell: enough for stable cells, and training stays in seconds
-SPLIT_CELLS_MIN = 200_000  # vectors in a group from which one query's probed cells are split over the IVF threads
-REGROW = 4  # an IVF is re-trained when its group has grown this many times past the size it was trained at
-# Directions of the scan codes. Queries (retrieval vectors z) and keys live near a few task clusters, so the top
-# directions of the keys' second moment carry nearly all of a query's energy (98% in 8 of 128 on the demo's z),
-# and the code's inner product ranks the near-ties of a cell in nearly the exact order. Uncentred on purpose:
-# q.P.P'.k is the part of q.k in those directions; a centred projection adds a key-dependent term that re-orders.
-REDUCED_DIMS = 16
-# Candidates re-scored exactly per query: with 16-dim codes the probed cells' best key is among the codes' top
-# 128 nearly always (bench/scale.py's queries at 1M, 96 cells: recall@1 0.996 at 128, 0.997 at 256); each costs a
-# float16 key fetched by id (~0.5 us) and 128 multiply-adds.
-REFINE = 128
+REGROW = 4  # the cells are re-cut when a group has grown this many times past the size they were cut for
 
 
 @dataclass(frozen=True)
@@ -81,131 +71,49 @@ def cells_for(n: int) -> int:
 
 
 class _GroupIndex:
-    """One group's vectors: exact (flat) while small, IVF once large.
-
-    As an IVF: `index` holds every key in float16 (what is re-scored and reconstructed) with the k-means cells,
-    `codes` the same cells with each key projected by `projection` [dim, REDUCED_DIMS] (what is scanned)."""
+    """One group's keys: an exact FAISS IndexFlatIP while small, a CellIndex once over `flat_max`."""
 
     def __init__(self, dim: int, flat_max: int, nprobe: int, threads: int) -> None:
         self.dim, self.flat_max, self.nprobe, self.threads = dim, flat_max, nprobe, threads
-        self.index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        self.codes: faiss.IndexIVFScalarQuantizer | None = None
-        self.projection: np.ndarray | None = None
-        self.trained_at = 0  # vectors the IVF was trained on; 0: flat
+        self.flat: faiss.IndexIDMap2 | None = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.cells: CellIndex | None = None
+        self.trained_at = 0  # keys the cells were cut for; 0: flat
 
     def __len__(self) -> int:
-        return self.index.ntotal
+        return len(self.cells) if self.cells is not None else self.flat.ntotal
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        n = self.index.ntotal + len(ids)
-        if (self.trained_at == 0 and n > self.flat_max) or (self.trained_at and n > REGROW * self.trained_at):
+        n = len(self) + len(ids)
+        if (self.cells is None and n > self.flat_max) or (self.cells is not None and n > REGROW * self.trained_at):
             old_vectors, old_ids = self._vectors()  # re-cut the cells for all of them, the new ones included
-            self._rebuild(np.concatenate([old_vectors, vectors]), np.concatenate([old_ids, ids]))
+            vectors, ids = np.concatenate([old_vectors, vectors]), np.concatenate([old_ids, ids])
+            self.cells = CellIndex.build(vectors, ids, cells_for(len(ids)), self.nprobe, self.threads)
+            self.flat, self.trained_at = None, len(ids)
+        elif self.cells is not None:
+            self.cells.add(vectors, ids)
         else:
-            self.index.add_with_ids(vectors, ids)
-            if self.codes is not None:
-                self._add_codes(vectors, ids)
+            self.flat.add_with_ids(vectors, ids)
 
     def remove(self, ids: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        selector = faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))
-        self.index.remove_ids(selector)
-        if self.codes is not None:
-            self.codes.remove_ids(selector)
+        if self.cells is not None:
+            self.cells.remove(ids)
+        else:
+            self.flat.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids)))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if not self.trained_at:
-            return self.index.search(queries, min(k, self.index.ntotal))
-        # A batch's queries are split over `threads` OpenMP threads (parallel_mode 3: search_preassigned does no
-        # split of its own in mode 0); a single query of a large group splits its probed cells (mode 1; at 100k
-        # the scan is too short to pay for the threads). The calling thread's own setting (one, for the small
-        # exact groups) is put back after.
-        self.codes.parallel_mode = 3 if len(queries) > 1 else 1 if len(self) >= SPLIT_CELLS_MIN else 0
-        before = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(self.threads)
-        try:
-            return self._refined(queries, k)
-        finally:
-            faiss.omp_set_num_threads(before)
-
-    def _refined(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The best k of each query: cells chosen on the full query, scanned on the codes, re-scored exactly."""
-        cell_scores, cells = self.index.quantizer.search(queries, self.codes.nprobe)
-        wanted = max(REFINE, 4 * k)
-        _, found = self.codes.search_preassigned(queries @ self.projection, wanted, cells, cell_scores)
-        keys = np.zeros((found.size, self.dim), np.float32)
-        hit = found.reshape(-1) >= 0  # fewer candidates than wanted in the probed cells: -1
-        if hit.any():
-            keys[hit] = self.index.reconstruct_batch(np.ascontiguousarray(found.reshape(-1)[hit]))
-        scores = np.einsum("bd,bkd->bk", queries, keys.reshape(len(queries), wanted, self.dim))
-        scores[found < 0] = -np.inf
-        best = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, len(self))]
-        scores, ids = np.take_along_axis(scores, best, axis=1), np.take_along_axis(found, best, axis=1)
-        ids[~np.isfinite(scores)] = -1
-        return scores.astype(np.float32), ids
-
-    def _add_codes(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        """Each key's code, in the cell the full index put it in (the cells are chosen on full queries)."""
-        _, cells = self.index.quantizer.search(vectors, 1)
-        codes = np.ascontiguousarray(vectors @ self.projection, dtype=np.float32)
-        cells = np.ascontiguousarray(cells[:, 0], dtype=np.int64)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)  # every array outlives the call that reads its pointer
-        self.codes.add_core(len(ids), faiss.swig_ptr(codes), faiss.swig_ptr(ids), faiss.swig_ptr(cells))
+        if self.cells is not None:  # REFINE candidates, or more when more than a quarter of them are asked for
+            return self.cells.search(queries, k, refine=max(REFINE, 4 * k))
+        return self.flat.search(queries, min(k, self.flat.ntotal))
 
     def reconstruct(self, i: int) -> np.ndarray:
-        return self.index.reconstruct(i)
+        return self.cells.reconstruct(i) if self.cells is not None else self.flat.reconstruct(i)
 
     def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.trained_at == 0:
-            ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
-            return self.index.index.reconstruct_n(0, len(ids)), ids
-        invlists = self.index.invlists
-        parts, id_parts = [], []
-        for cell in range(self.index.nlist):
-            size = invlists.list_size(cell)
-            if size:
-                id_parts.append(faiss.rev_swig_ptr(invlists.get_ids(cell), size).copy())
-                codes = faiss.rev_swig_ptr(invlists.get_codes(cell), size * self.dim * 2).copy()
-                parts.append(codes.view(np.float16).reshape(size, self.dim).astype(np.float32))
-        if not parts:
-            return np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
-        return np.concatenate(parts), np.concatenate(id_parts)
-
-    def _rebuild(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        """An IVF for `vectors`: k-means cells on a sample, then every vector in its cell, stored in float16
-        (2 bytes a number: the registry's own precision, so no key loses anything)."""
-        nlist = cells_for(len(ids))
-        ivf = faiss.IndexIVFScalarQuantizer(
-            faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
-        )
-        ivf.cp.max_points_per_centroid = TRAIN_POINTS_PER_CELL
-        sample = vectors[np.sort(np.random.default_rng(0).permutation(len(ids))[: nlist * TRAIN_POINTS_PER_CELL])]
-        ivf.train(sample)
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-        ivf.add_with_ids(vectors, ids)
-        self.index, self.trained_at = ivf, len(ids)
-        self.projection = top_directions(sample, min(REDUCED_DIMS, self.dim))
-        reduced = self.projection.shape[1]
-        centroids = ivf.quantizer.reconstruct_n(0, nlist) @ self.projection
-        # float16 codes of the projected keys themselves (not residuals: the cells are the full index's), which
-        # scan faster than float32 ones (10.6 vs 17 ms for 32 queries at 1M, bench/scale.py's keys) for the same
-        # recall; a 4-bit fast-scan PQ of them lost the near-ties' order (recall@1 0.2).
-        codes = faiss.IndexIVFScalarQuantizer(
-            faiss.IndexFlatIP(reduced), reduced, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT, False
-        )
-        codes.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))  # not searched: cells come from
-        codes.is_trained = True  # the full quantizer (search_preassigned); kept so the index is whole
-        codes.set_direct_map_type(faiss.DirectMap.Hashtable)
-        codes.nprobe = min(self.nprobe, nlist)
-        self.codes = codes
-        self._add_codes(vectors, ids)
-
-
-def top_directions(vectors: np.ndarray, n: int) -> np.ndarray:
-    """[dim, n]: the n top eigenvectors of the vectors' (uncentred) second moment, as columns."""
-    moment = vectors.T.astype(np.float64) @ vectors.astype(np.float64) / max(len(vectors), 1)
-    _, vecs = np.linalg.eigh(moment)  # ascending eigenvalues
-    return np.ascontiguousarray(vecs[:, ::-1][:, :n], dtype=np.float32)
+        if self.cells is not None:
+            return self.cells.vectors()
+        ids = faiss.vector_to_array(self.flat.id_map).astype(np.int64)
+        return self.flat.index.reconstruct_n(0, len(ids)), ids
 
 
 class PrototypeIndex:

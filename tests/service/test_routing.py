@@ -197,7 +197,7 @@ def test_scan_codes_keep_inner_products_in_the_keys_directions():
     """The codes project onto the top directions of the keys' uncentred second moment: for keys and queries in
     a low-dimensional span (as retrieval vectors near a few task clusters are), code inner products equal the
     exact ones, which a centred projection would not give (its mean term moves every key's score)."""
-    from service.routing import top_directions
+    from service.cell_index import top_directions
 
     rng = np.random.default_rng(0)
     basis = np.linalg.qr(rng.standard_normal((32, 4)))[0].T  # 4 orthonormal directions in 32 dims
