@@ -61,7 +61,7 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
     v = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
     if v.ndim == 1:
         v = v.reshape(1, -1)
-    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", v, v))[:, None]
     return np.ascontiguousarray(v / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
@@ -85,8 +85,9 @@ class _GroupIndex:
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         n = len(self) + len(ids)
         if (self.cells is None and n > self.flat_max) or (self.cells is not None and n > REGROW * self.trained_at):
-            old_vectors, old_ids = self._vectors()  # re-cut the cells for all of them, the new ones included
-            vectors, ids = np.concatenate([old_vectors, vectors]), np.concatenate([old_ids, ids])
+            if len(self):  # re-cut the cells for all of them, the new ones included
+                old_vectors, old_ids = self._vectors()
+                vectors, ids = np.concatenate([old_vectors, vectors]), np.concatenate([old_ids, ids])
             self.cells = CellIndex.build(vectors, ids, cells_for(len(ids)), self.nprobe, self.threads)
             self.flat, self.trained_at = None, len(ids)
         elif self.cells is not None:
@@ -152,28 +153,51 @@ class PrototypeIndex:
         self.upsert_many([(task, vector, group)])
 
     def upsert_many(self, keys: Iterable[tuple[str, np.ndarray, Group]]) -> None:
-        """Add or move tasks; every vector is checked before anything changes (ValueError names the task)."""
+        """Add or move tasks; every vector is checked before anything changes (ValueError names the task).
+
+        Per-key work stays in bulk numpy where it can: a fresh replica passes a million keys at once."""
         keys = list({task: (task, vector, group) for task, vector, group in keys}.values())  # a name twice: last
         if not keys:
             return
-        for task, vector, _ in keys:
-            if np.size(vector) != self.dim:
-                raise ValueError(f"prototype of {task!r} has {np.size(vector)} dims; the index holds {self.dim}-dim")
-        vectors = self._checked([t for t, _, _ in keys], np.stack([np.asarray(v).reshape(-1) for _, v, _ in keys]))
+        tasks, vectors, groups = (list(part) for part in zip(*keys, strict=True))
+        vectors = self._checked(tasks, self._stacked(tasks, vectors))
         with self._lock:
-            self._remove_locked([task for task, _, _ in keys if task in self._ids])
-            rows: dict[Group, list[int]] = {}
-            for row, (task, _, group) in enumerate(keys):
-                rows.setdefault(group, []).append(row)
-                self._ids[task] = len(self._names)
-                self._names.append(task)
-                self._group_of.append(group)
-            for group, where in rows.items():
-                ids = np.fromiter((self._ids[keys[r][0]] for r in where), dtype=np.int64, count=len(where))
+            self._remove_locked([task for task in tasks if task in self._ids])
+            start = len(self._names)
+            self._ids.update(zip(tasks, range(start, start + len(tasks)), strict=True))
+            self._names.extend(tasks)
+            self._group_of.extend(groups)
+            ids = np.arange(start, start + len(tasks), dtype=np.int64)
+            for group, rows in self._rows_by_group(groups).items():
                 target = self._groups.get(group)
                 if target is None:
                     target = self._groups[group] = _GroupIndex(self.dim, self.flat_max, self.nprobe, self.ivf_threads)
-                target.add(vectors[where], ids)
+                target.add(vectors if rows is None else vectors[rows], ids if rows is None else ids[rows])
+
+    def _stacked(self, tasks: list[str], vectors: list[np.ndarray]) -> np.ndarray:
+        """[N, dim] of the keys, or ValueError naming the first task whose key has another size."""
+        try:
+            stacked = np.stack(vectors)
+        except ValueError:  # of different sizes: found below
+            stacked = None
+        if stacked is not None and stacked.ndim == 2 and stacked.shape[1] == self.dim:
+            return stacked
+        if stacked is not None and stacked.ndim > 2 and np.prod(stacked.shape[1:]) == self.dim:
+            return stacked.reshape(len(tasks), self.dim)
+        for task, vector in zip(tasks, vectors, strict=True):
+            if np.size(vector) != self.dim:
+                raise ValueError(f"prototype of {task!r} has {np.size(vector)} dims; the index holds {self.dim}-dim")
+        return np.stack([np.asarray(v).reshape(-1) for v in vectors])
+
+    @staticmethod
+    def _rows_by_group(groups: list[Group]) -> dict[Group, np.ndarray | None]:
+        """The rows of each group; None for all of them (the common case: one template, or none, for all)."""
+        if all(g == groups[0] for g in groups):
+            return {groups[0]: None}
+        rows: dict[Group, list[int]] = {}
+        for row, group in enumerate(groups):
+            rows.setdefault(group, []).append(row)
+        return {group: np.asarray(where) for group, where in rows.items()}
 
     def remove(self, task: str) -> bool:
         with self._lock:
@@ -234,13 +258,16 @@ class PrototypeIndex:
 
     def valid(self, vectors: np.ndarray) -> np.ndarray:
         """Which rows of `vectors` [N, dim] can be routing keys: finite and not all zero."""
-        v = np.asarray(vectors, dtype=np.float32)
+        v = np.asarray(vectors)
+        if not np.issubdtype(v.dtype, np.floating):
+            v = v.astype(np.float32)  # (float16 keys are checked as they are: no float32 copy of a million)
         return np.all(np.isfinite(v), axis=1) & np.any(v != 0, axis=1)
 
     def _checked(self, tasks: list[str], vectors: np.ndarray) -> np.ndarray:
-        """Unit float32 rows, or ValueError naming the first task whose vector cannot be a key."""
-        v = np.asarray(vectors, dtype=np.float32)
-        bad = np.flatnonzero(~self.valid(v))
+        """Unit float32 rows (a new array), or ValueError naming the first task whose vector cannot be a key."""
+        v = np.array(vectors, dtype=np.float32, order="C")  # a copy of our own, normalised in place: at a
+        bad = np.flatnonzero(~self.valid(v))  # million keys each fresh 512 MB array costs ~1 s of page faults
         if len(bad):
             raise ValueError(f"prototype of {tasks[bad[0]]!r} must be finite and non-zero")
-        return normalise(v)
+        v /= np.sqrt(np.einsum("ij,ij->i", v, v))[:, None]
+        return v

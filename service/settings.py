@@ -87,9 +87,9 @@ class Settings(BaseSettings):
     faiss_ivf_threads: int = Field(
         2,
         ge=1,
-        description="OpenMP threads for searches of template groups over 20,000 tasks (approximate IVF indexes): "
-        "a batch's queries are split over them, a single query's cells in groups of 200,000 or more (the model "
-        "thread waits for routing meanwhile)",
+        description="threads of the native scan of template groups over 20,000 tasks (approximate IVF indexes, "
+        "service/cell_index.py): a batch's probed cells are split over them when each gets ~0.1 ms of work (the "
+        "model thread waits for routing meanwhile)",
     )
     faiss_nprobe: int = Field(
         96, ge=1, description="IVF cells read per query in large groups: recall against speed (docs/serving.md)"
