@@ -1,4 +1,4 @@
-"""Nearest-prototype routing (paper Eq. 10) over FAISS indexes, one per template.
+"""Nearest-prototype routing (paper Eq. 10) over one index per template: exact FAISS, or a native inverted file.
 
 Cosine similarity is the inner product of L2-normalised float32 vectors. Tasks are grouped by the template their
 inputs are written with (None: tasks without one), because an input is only ever routed among the tasks whose
