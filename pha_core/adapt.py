@@ -255,7 +255,7 @@ _NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32}
 
 @functools.lru_cache(maxsize=16)
 def _layout(header: bytes) -> tuple[tuple[str, object, int, int], ...] | None:
-    """The (name, dtype, start, stop) of a safetensors header holding exactly `prototype` and `key` (1-d),
+    """The (name, dtype, start, count) of a safetensors header holding exactly `prototype` and `key` (1-d),
     else None. Cached: every prototype-mode task of one model has the same header."""
     meta = json.loads(header)
     names = sorted(k for k in meta if k != "__metadata__")
@@ -270,7 +270,7 @@ def _layout(header: bytes) -> tuple[tuple[str, object, int, int], ...] | None:
         start, stop = info["data_offsets"]
         if stop - start != info["shape"][0] * np.dtype(dtype).itemsize:
             raise ValueError(f"tensor {name!r} has {stop - start} bytes for shape {info['shape']}")
-        out.append((name, dtype, start, stop))
+        out.append((name, np.dtype(dtype), start, info["shape"][0]))
     return tuple(out)
 
 
@@ -285,10 +285,9 @@ def _vectors_only(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
     if layout is None:
         return None
     parts = {}
-    for name, dtype, start, stop in layout:
-        if 8 + size + stop > len(data):
+    for name, dtype, start, count in layout:
+        if 8 + size + start + count * dtype.itemsize > len(data):
             raise ValueError(f"tensor {name!r} runs past the end of the file")
-        count = (stop - start) // np.dtype(dtype).itemsize
         # A copy: a view would keep the whole file (and its buffer objects) alive for as long as the vector.
         parts[name] = np.frombuffer(data, dtype=dtype, count=count, offset=8 + size + start).copy()
     return parts["prototype"], parts["key"]

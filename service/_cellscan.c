@@ -3,14 +3,15 @@
  * 1. scan: every cell any query of the batch probes is read once, for all the queries that probe it (a batch of
  *    32 real inputs probes ~730 of 1,000 cells at 1M keys, each query 96 of them: read per query, the same codes
  *    would be read ~4 times). A cell's reduced codes are stored in blocks of 16 keys, one number of each key
- *    per lane ([blocks][rdim][16] float16: the scan is bound by memory, 32 MB of codes at 1M keys), so 16 keys
- *    are scored against a query with rdim fused multiply-adds on whole vectors. Each query keeps its best `refine` candidates (a pool, below).
+ *    per lane ([blocks][rdim][16] float16), so 16 keys are scored against a query with rdim fused multiply-adds
+ *    on whole vectors. Each query keeps its best `refine` candidates (a pool, below).
  * 2. refine: each candidate is re-scored exactly on its full key (float16 [size][dim], read in place), and the
  *    best k are returned, best first.
  *
- * The scan's cells are split over `threads` POSIX threads (each with pools of its own, merged after); the GIL is
- * released while they run. On x86-64 CPUs with AVX2, FMA and F16C (checked at run time) the scan and the
- * float16 dot product use them; elsewhere plain C. Every buffer is checked against the sizes before anything is read (ValueError names the part).
+ * Every phase is split over `threads` POSIX threads (the scan by cells, each thread with pools of its own merged
+ * after; the rest by queries), with the GIL released. On x86-64 CPUs with AVX2, FMA and F16C (checked at run
+ * time) the arithmetic uses them; elsewhere plain C. Every buffer is checked against the sizes before anything
+ * is read (ValueError names the part).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,6 +33,21 @@
 #else
 #define HAVE_X86_PATHS 0
 #endif
+
+#if HAVE_X86_PATHS
+static int cpu_has_avx2_fma_f16c(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+__attribute__((target("avx2"))) static float sum8(__m256 v) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, v);
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+#endif
+
+static int64_t blocks_of(int64_t size) { return (size + LANES - 1) / LANES; }
 
 /* ------------------------------------------------------------------------------------------ candidate pools */
 
@@ -149,9 +165,7 @@ __attribute__((target("avx2,fma,f16c"))) static float dot_half_f16c(const float 
         __m256 k = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(key + e)));
         acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), k, acc);
     }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, acc);
-    float s = lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
+    float s = sum8(acc);
     for (; e < dim; e++) s += q[e] * half_to_float(key[e]);
     return s;
 }
@@ -161,9 +175,7 @@ typedef float (*dot_half_fn)(const float *, const uint16_t *, int);
 
 static dot_half_fn pick_dot_half(void) {
 #if HAVE_X86_PATHS
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        return dot_half_f16c;
+    if (cpu_has_avx2_fma_f16c()) return dot_half_f16c;
 #endif
     return dot_half_portable;
 }
@@ -184,9 +196,7 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const 
         acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e + 8), _mm256_loadu_ps(b + e + 8), acc1);
     }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, _mm256_add_ps(acc0, acc1));
-    float s = lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
+    float s = sum8(_mm256_add_ps(acc0, acc1));
     for (; e < dim; e++) s += a[e] * b[e];
     return s;
 }
@@ -196,8 +206,7 @@ typedef float (*dot_fn)(const float *, const float *, int);
 
 static dot_fn pick_dot(void) {
 #if HAVE_X86_PATHS
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return dot_avx2;
+    if (cpu_has_avx2_fma_f16c()) return dot_avx2;
 #endif
     return dot_portable;
 }
@@ -219,7 +228,7 @@ static void keep_better(const float *got, int64_t valid, int64_t cell, int64_t b
 
 static void scan_cell_portable(const uint16_t *blocks, int64_t size, int rdim, const float *queries,
                                const int32_t *probers, int64_t m, int64_t cell, Pool *pools) {
-    int64_t nblocks = (size + LANES - 1) / LANES;
+    int64_t nblocks = blocks_of(size);
     for (int64_t b = 0; b < nblocks; b++) {
         const uint16_t *block = blocks + b * rdim * LANES;
         int64_t valid = size - b * LANES < LANES ? size - b * LANES : LANES;
@@ -260,7 +269,7 @@ __attribute__((target("avx2,fma,f16c"))) static void scan_cell_avx2(const uint16
                                                                     const float *queries, const int32_t *probers,
                                                                     int64_t m, int64_t cell, Pool *pools) {
     float wide[MAX_RDIM * LANES] __attribute__((aligned(32)));
-    int64_t nblocks = (size + LANES - 1) / LANES;
+    int64_t nblocks = blocks_of(size);
     for (int64_t b = 0; b < nblocks; b++) {
         /* The block in float32 once (L1-resident), for all the queries that probe the cell. */
         const uint16_t *block = blocks + b * rdim * LANES;
@@ -329,9 +338,7 @@ __attribute__((target("avx2,fma,f16c"))) static void scan_cell_avx2(const uint16
 
 static scan_cell_fn pick_scan_cell(void) {
 #if HAVE_X86_PATHS
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        return scan_cell_avx2;
+    if (cpu_has_avx2_fma_f16c()) return scan_cell_avx2;
 #endif
     return scan_cell_portable;
 }
@@ -709,7 +716,7 @@ static PyObject *search(PyObject *self, PyObject *args) {
 
     /* Every probed cell's buffers, checked against its size. */
     for (int64_t i = 0; i < n_union; i++) {
-        int64_t c = union_cells[i], size = sizes[c], blocks = (size + LANES - 1) / LANES;
+        int64_t c = union_cells[i], size = sizes[c], blocks = blocks_of(size);
         if (get_view(PyList_GET_ITEM(codes_list, c), &codes_v.views[i], 2, blocks * LANES * rdim, 0, "codes", c) < 0)
             goto done;
         codes_v.n = i + 1;
@@ -724,12 +731,12 @@ static PyObject *search(PyObject *self, PyObject *args) {
 
     /* The union cut into parts of about equal work (key blocks x probing queries). */
     int64_t union_work = 0, done_work = 0;
-    for (int64_t i = 0; i < n_union; i++) union_work += ((sizes[union_cells[i]] + LANES - 1) / LANES) * (first[i + 1] - first[i]);
+    for (int64_t i = 0; i < n_union; i++) union_work += blocks_of(sizes[union_cells[i]]) * (first[i + 1] - first[i]);
     cut[0] = 0;
     for (int p = 0; p < s.parts; p++) {
         int64_t to = cut[p];
         while (to < n_union && (p == s.parts - 1 || done_work < union_work * (p + 1) / s.parts)) {
-            done_work += ((sizes[union_cells[to]] + LANES - 1) / LANES) * (first[to + 1] - first[to]);
+            done_work += blocks_of(sizes[union_cells[to]]) * (first[to + 1] - first[to]);
             to++;
         }
         cut[p + 1] = to;
@@ -762,7 +769,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cellscan", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cellscan", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__cellscan(void) {
     PyObject *m = PyModule_Create(&module);

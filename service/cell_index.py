@@ -83,9 +83,11 @@ class CellIndex:
         """Unit float32 rows with ids not in the index yet."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            return
         _, cells = self.assigner.search(vectors, 1)
         cells = cells[:, 0]
-        if len(ids) and ids.max() >= len(self.where):
+        if ids.max() >= len(self.where):
             grown = np.full(max(int(ids.max()) + 1, int(len(self.where) * GROWTH)), -1, np.int64)
             grown[: len(self.where)] = self.where
             self.where = grown

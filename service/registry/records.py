@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pha_core.adapt import AdaptResult
 
+_DECODER = json.JSONDecoder()  # stateless: one for every record
+
 # Lower-case letters, digits and . _ -; starts with a letter or digit; no path separators or control characters.
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -98,7 +100,8 @@ class RegisteredTask:
 
     @classmethod
     def from_json(cls, data: bytes, seq: int) -> RegisteredTask:
-        body = json.loads(data)
+        body = _DECODER.decode(data.decode("utf-8"))  # json.loads(bytes) sniffs the encoding first: a replica
+        # catching up reads a million of these, and they are UTF-8 by construction (to_json)
         if not isinstance(body, dict):
             raise ValueError("the record is not a JSON object")
         return cls(**body, seq=seq)

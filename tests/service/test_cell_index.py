@@ -62,6 +62,7 @@ def test_changes_are_patched_in_place_and_search_sees_them():
     gone = np.arange(0, 4000, 3)
     index.remove(gone)
     index.remove(np.array([gone[0], 10**6]))  # absent ids are skipped
+    index.add(np.zeros((0, 24), np.float32), np.zeros(0, np.int64))  # nothing to add: nothing changes
     fresh = clustered(500, 24, seed=5)
     index.add(fresh, np.arange(4000, 4500))
     assert len(index) == 4000 - len(gone) + 500
