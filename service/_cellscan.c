@@ -171,15 +171,6 @@ __attribute__((target("avx2,fma,f16c"))) static float dot_half_f16c(const float 
 }
 #endif
 
-typedef float (*dot_half_fn)(const float *, const uint16_t *, int);
-
-static dot_half_fn pick_dot_half(void) {
-#if HAVE_X86_PATHS
-    if (cpu_has_avx2_fma_f16c()) return dot_half_f16c;
-#endif
-    return dot_half_portable;
-}
-
 /* ------------------------------------------------------------------------------------------ the cells */
 
 static float dot_portable(const float *a, const float *b, int dim) {
@@ -202,15 +193,6 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const 
 }
 #endif
 
-typedef float (*dot_fn)(const float *, const float *, int);
-
-static dot_fn pick_dot(void) {
-#if HAVE_X86_PATHS
-    if (cpu_has_avx2_fma_f16c()) return dot_avx2;
-#endif
-    return dot_portable;
-}
-
 /* ------------------------------------------------------------------------------------------ the scan */
 
 typedef void (*scan_cell_fn)(const uint16_t *, int64_t, int, const float *, const int32_t *, int64_t, int64_t,
@@ -221,10 +203,17 @@ typedef void (*scan_cell_fn)(const uint16_t *, int64_t, int, const float *, cons
  * registers, as two halves of 8 with four partial sums each: a multiply-add waits 4 cycles for the one before
  * it on the same sum, and eight independent sums keep both FMA units busy. */
 
-static void keep_better(const float *got, int64_t valid, int64_t cell, int64_t block, Pool *pool) {
-    for (int64_t j = 0; j < valid; j++)
+/* The lanes of a block's scores whose bit is set in `mask` (those that beat the query's bar) enter its pool;
+ * visiting set bits only: a branch per lane would be mispredicted at random. The bar is checked again, since a
+ * pool's cut can raise it between two lanes. */
+static void enter_lanes(const float *got, unsigned mask, int64_t cell, int64_t block, Pool *pool) {
+    for (; mask; mask &= mask - 1) {
+        int j = __builtin_ctz(mask);
         if (got[j] > pool->worst) pool_push(pool, got[j], (cell << 32) | (block * LANES + j));
+    }
 }
+
+static unsigned valid_lanes(int64_t valid) { return valid < LANES ? (1u << valid) - 1 : (1u << LANES) - 1; }
 
 static void scan_cell_portable(const uint16_t *blocks, int64_t size, int rdim, const float *queries,
                                const int32_t *probers, int64_t m, int64_t cell, Pool *pools) {
@@ -237,7 +226,10 @@ static void scan_cell_portable(const uint16_t *blocks, int64_t size, int rdim, c
             float got[LANES] = {0};
             for (int e = 0; e < rdim; e++)
                 for (int j = 0; j < LANES; j++) got[j] += q[e] * half_to_float(block[e * LANES + j]);
-            keep_better(got, valid, cell, b, &pools[probers[t]]);
+            Pool *pool = &pools[probers[t]];
+            unsigned mask = 0;
+            for (int j = 0; j < LANES; j++) mask |= (unsigned)(got[j] > pool->worst) << j;
+            enter_lanes(got, mask & valid_lanes(valid), cell, b, pool);
         }
     }
 }
@@ -247,22 +239,18 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256 half8(const uint16
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 
-/* A block's 16 scores for one query (lanes 0-7 and 8-15): those that beat the query's bar enter its pool (only
- * the lanes whose bit is set are visited: a branch per lane would be mispredicted at random). */
+/* A block's 16 scores for one query (lanes 0-7 and 8-15), compared with its bar on whole vectors. */
 __attribute__((target("avx2,fma,f16c"))) static inline void offer(__m256 lo, __m256 hi, int64_t valid, int64_t cell,
                                                                   int64_t block, Pool *pool) {
     __m256 worst = _mm256_set1_ps(pool->worst);
     unsigned mask = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(lo, worst, _CMP_GT_OQ)) |
                     (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(hi, worst, _CMP_GT_OQ)) << 8;
-    mask &= valid < LANES ? (1u << valid) - 1 : 0xffffu;
+    mask &= valid_lanes(valid);
     if (!mask) return;
     float got[LANES];
     _mm256_storeu_ps(got, lo);
     _mm256_storeu_ps(got + 8, hi);
-    for (; mask; mask &= mask - 1) {
-        int j = __builtin_ctz(mask);
-        if (got[j] > pool->worst) pool_push(pool, got[j], (cell << 32) | (block * LANES + j));
-    }
+    enter_lanes(got, mask, cell, block, pool);
 }
 
 __attribute__((target("avx2,fma,f16c"))) static void scan_cell_avx2(const uint16_t *blocks, int64_t size, int rdim,
@@ -336,11 +324,21 @@ __attribute__((target("avx2,fma,f16c"))) static void scan_cell_avx2(const uint16
 }
 #endif
 
-static scan_cell_fn pick_scan_cell(void) {
+/* The arithmetic of a search: the AVX2/FMA/F16C versions where the CPU has them, else plain C (also when
+ * PHA_CELLSCAN_PORTABLE=1, which is how the tests run the plain path on a CPU that has them). */
+typedef struct {
+    scan_cell_fn scan_cell;
+    float (*dot)(const float *, const float *, int);
+    float (*dot_half)(const float *, const uint16_t *, int);
+} Kernels;
+
+static Kernels pick_kernels(void) {
 #if HAVE_X86_PATHS
-    if (cpu_has_avx2_fma_f16c()) return scan_cell_avx2;
+    const char *portable = getenv("PHA_CELLSCAN_PORTABLE");
+    if (!(portable && portable[0] == '1') && cpu_has_avx2_fma_f16c())
+        return (Kernels){scan_cell_avx2, dot_avx2, dot_half_f16c};
 #endif
-    return scan_cell_portable;
+    return (Kernels){scan_cell_portable, dot_portable, dot_half_portable};
 }
 
 /* ------------------------------------------------------------------------------------------ buffers */
@@ -429,9 +427,7 @@ static void sync_open(Sync *y, int gate) {
 
 /* Everything one search reads and writes; each thread works on its own share of it in every phase. */
 typedef struct {
-    scan_cell_fn scan_cell;
-    dot_fn dot;
-    dot_half_fn dot_half;
+    Kernels kernels;
     /* the index */
     const uint16_t **codes, **keys; /* per cell (set for the cells the batch probes) */
     const int64_t **ids, *sizes;
@@ -482,7 +478,7 @@ static void prepare(Search *s, int part) {
     for (Py_ssize_t q = from; q < to; q++) {
         const float *x = s->queries + q * s->dim;
         for (int64_t c = 0; c < s->nlist; c++) {
-            score[c] = s->dot(x, s->centroids + c * s->dim, s->dim);
+            score[c] = s->kernels.dot(x, s->centroids + c * s->dim, s->dim);
             cell[c] = c;
         }
         select_best(score, cell, (int)s->nlist, s->nprobe, score + s->nlist, cell + s->nlist);
@@ -508,7 +504,7 @@ static void seed(Search *s, int part) {
     for (Py_ssize_t q = from; q < to; q++) {
         int64_t c = s->cells[q * s->nprobe];
         int32_t one = (int32_t)q;
-        s->scan_cell(s->codes[c], s->sizes[c], s->rdim, s->reduced, &one, 1, c, s->pools);
+        s->kernels.scan_cell(s->codes[c], s->sizes[c], s->rdim, s->reduced, &one, 1, c, s->pools);
         if (s->pools[q].count < s->refine) continue;
         pool_cut(&s->pools[q]);
         for (int p = 1; p < s->parts; p++) s->pools[p * s->batch + q].worst = s->pools[q].worst;
@@ -519,7 +515,7 @@ static void seed(Search *s, int part) {
 static void scan(Search *s, int part) {
     for (int64_t u = s->cut[part]; u < s->cut[part + 1]; u++) {
         int64_t c = s->union_cells[u];
-        s->scan_cell(s->codes[c], s->sizes[c], s->rdim, s->reduced, s->probers + s->first[u],
+        s->kernels.scan_cell(s->codes[c], s->sizes[c], s->rdim, s->reduced, s->probers + s->first[u],
                      s->first[u + 1] - s->first[u], c, s->pools + part * s->batch);
     }
 }
@@ -542,7 +538,7 @@ static void rescore(Search *s, int part) {
         int n = pool->count < s->refine ? pool->count : s->refine;
         for (int r = 0; r < n; r++) {
             int64_t cell = pool->loc[r] >> 32, slot = pool->loc[r] & 0xffffffff;
-            hits[r] = (Hit){s->dot_half(s->queries + q * s->dim, s->keys[cell] + slot * s->dim, s->dim), 0,
+            hits[r] = (Hit){s->kernels.dot_half(s->queries + q * s->dim, s->keys[cell] + slot * s->dim, s->dim), 0,
                             s->ids[cell][slot]};
         }
         qsort(hits, n, sizeof *hits, cmp_hits);
@@ -607,7 +603,7 @@ static PyObject *search(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "codes, ids and keys must hold one entry per cell each");
         return NULL;
     }
-    Search s = {.scan_cell = pick_scan_cell(), .dot = pick_dot(), .dot_half = pick_dot_half(), .nlist = nlist,
+    Search s = {.kernels = pick_kernels(), .nlist = nlist,
                 .dim = dim, .rdim = rdim, .nprobe = nprobe, .refine = refine, .k = k};
     pthread_mutex_init(&s.sync.mutex, NULL);
     pthread_cond_init(&s.sync.cond, NULL);

@@ -22,7 +22,7 @@ import numpy as np
 
 from service import _cellscan
 
-LANES = _cellscan.LANES  # keys per code block: one AVX-512 register of float32 scores
+LANES = _cellscan.LANES  # keys per code block: their 16 float32 scores fill two AVX2 registers
 GROWTH = 1.5  # a full cell's arrays grow by half: amortised O(1) additions, at most a third of a cell unused
 TRAIN_POINTS_PER_CELL = 40  # k-means sample per cell: enough for stable cells, and training stays in seconds
 # Directions of the scan codes. Queries (retrieval vectors z) and keys live near a few task clusters, so the top
@@ -31,8 +31,8 @@ TRAIN_POINTS_PER_CELL = 40  # k-means sample per cell: enough for stable cells, 
 # q.P.P'.k is the part of q.k in those directions; a centred projection adds a key-dependent term that re-orders.
 REDUCED_DIMS = 16
 # Candidates re-scored exactly per query: with 16-dim codes the probed cells' best key is among the codes' top
-# 128 nearly always (bench/scale.py's queries at 1M, 96 cells: recall@1 0.996 at 128, 0.997 at 256); each costs
-# one float16 key read in place and 128 multiply-adds.
+# 128 nearly always (bench/scale.py at 1M, 96 cells: recall@1 0.994; 32 re-scored: 0.988); each costs one
+# float16 key read in place and 128 multiply-adds.
 REFINE = 128
 
 

@@ -2,6 +2,10 @@
 of the same rule: per query, its nprobe nearest cells; in them the best `refine` keys by code score; of those the
 best k by the float16 key's exact score."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -121,3 +125,29 @@ def test_cells_grow_by_blocks_of_lanes():
     index = CellIndex.build(keys, np.arange(100), nlist=2, nprobe=2, threads=1)
     for c in range(2):
         assert len(index.ids[c]) % LANES == 0 and index.codes[c].shape[0] * LANES == len(index.ids[c])
+
+
+def test_the_plain_c_path_gives_what_the_vector_path_gives(tmp_path):
+    """PHA_CELLSCAN_PORTABLE=1 picks the plain-C kernels (what a CPU without AVX2/FMA/F16C runs); a fresh
+    process of each reads the same index from disk and searches the same queries."""
+    keys = clustered(5000, 24, seed=12)
+    index = CellIndex.build(keys, np.arange(5000), nlist=30, nprobe=7, threads=2)
+    np.savez(tmp_path / "index.npz", queries=clustered(40, 24, seed=13), keys=keys, centroids=index.centroids,
+             projection=index.projection)  # fmt: skip
+    script = (
+        "import sys, numpy as np\n"
+        "from service.cell_index import CellIndex\n"
+        f"d = np.load({str(tmp_path / 'index.npz')!r})\n"
+        "index = CellIndex(d['centroids'], d['projection'], nprobe=7, threads=2)\n"
+        "index.add(d['keys'], np.arange(len(d['keys'])))\n"
+        "s, i = index.search(d['queries'], 4, refine=24)\n"
+        "np.savez(sys.argv[1], s=s, i=i)\n"
+    )
+    results = {}
+    for portable in ("0", "1"):
+        out = tmp_path / f"out{portable}.npz"
+        env = {**os.environ, "PHA_CELLSCAN_PORTABLE": portable}
+        subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True, timeout=120)
+        results[portable] = np.load(out)
+    np.testing.assert_array_equal(results["0"]["i"], results["1"]["i"])
+    np.testing.assert_allclose(results["0"]["s"], results["1"]["s"], rtol=1e-5, atol=1e-6)
