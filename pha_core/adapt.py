@@ -276,11 +276,7 @@ def _layout(header: bytes) -> tuple[tuple[str, object, int, int], ...] | None:
 
 def _vectors_only(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
     """(prototype, key) straight from the bytes of a file without adapters; None when it has more."""
-    if len(data) < 8:
-        raise ValueError("shorter than a safetensors header")
-    size = int.from_bytes(data[:8], "little")
-    if size > len(data) - 8:
-        raise ValueError("header runs past the end of the file")
+    size = _header_size(data)
     layout = _layout(bytes(data[8 : 8 + size]))
     if layout is None:
         return None
@@ -291,6 +287,44 @@ def _vectors_only(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
         # A copy: a view would keep the whole file (and its buffer objects) alive for as long as the vector.
         parts[name] = np.frombuffer(data, dtype=dtype, count=count, offset=8 + size + start).copy()
     return parts["prototype"], parts["key"]
+
+
+def vectors_of_many(files: Sequence[bytes]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """`_vectors_only` for many files at once (a replica catching up reads a million, a page at a time): the
+    files with the first one's header and length are sliced as one [n, bytes] array, ~1 us a file where one by
+    one costs ~5 us of Python. (prototype, key) per file, as row views of one [n, dim] array per tensor (a page
+    of them lives as long as any of its rows: at most a page's vectors over what the entries hold); None for the
+    files read otherwise (`AdaptedTensors.from_bytes`: other layouts, adapters, corrupt bytes)."""
+    out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(files)
+    try:
+        size = _header_size(files[0]) if files else 0
+        layout = _layout(bytes(files[0][8 : 8 + size])) if files else None
+    except ValueError:
+        return out
+    if layout is None:
+        return out
+    head, length = files[0][: 8 + size], len(files[0])
+    rows = [i for i, data in enumerate(files) if len(data) == length and data.startswith(head)]
+    block = np.frombuffer(b"".join([files[i] for i in rows]), np.uint8).reshape(len(rows), length)
+    parts = {}
+    for name, dtype, start, count in layout:
+        begin, end = 8 + size + start, 8 + size + start + count * dtype.itemsize
+        if end > length:
+            return out
+        parts[name] = np.ascontiguousarray(block[:, begin:end]).view(dtype)
+    for j, i in enumerate(rows):
+        out[i] = (parts["prototype"][j], parts["key"][j])
+    return out
+
+
+def _header_size(data: bytes) -> int:
+    """The length of a safetensors file's JSON header, checked against the file's."""
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ValueError("header runs past the end of the file")
+    return size
 
 
 def adapted_adapters(model: PHAModel, result: AdaptResult) -> AdapterSet:

@@ -24,17 +24,18 @@ from datetime import datetime, timezone
 import numpy as np
 import redis.asyncio as aioredis
 
-from pha_core.adapt import AdaptedTensors
+from pha_core.adapt import AdaptedTensors, vectors_of_many
 from pha_core.calibration import Spread
 from pha_core.scoring import AnswerSpace
 
 from .catalog import TaskCatalog, TaskEntry
 from .redis_client import connect_async
 from .redis_names import REGISTRY_CHANNEL
-from .registry import PAGE, Change, RegistryStore, all_changes
+from .registry import PAGE, Change, RegistryStore, pages
 from .telemetry import Metrics
 
 log = logging.getLogger("pha.adaptation")
+Vectors = tuple[np.ndarray, np.ndarray]  # a task's prototype and routing key
 
 
 class RegistrySync:
@@ -72,9 +73,11 @@ class RegistrySync:
             fresh = self.version < 0
             pending: list[TaskEntry] = []
             try:
-                for change in all_changes(self.registry, max(self.version, 0)):
-                    pending = self._apply(change, pending, publish=not fresh)
-                    self.version = max(self.version, change.seq)
+                for page in pages(self.registry, max(self.version, 0)):
+                    vectors = _vectors_of(page)
+                    for change, decoded in zip(page, vectors, strict=True):
+                        pending = self._apply(change, decoded, pending, publish=not fresh)
+                        self.version = max(self.version, change.seq)
                 self._flush(pending)
                 if fresh:
                     _release_memory()
@@ -92,9 +95,12 @@ class RegistrySync:
             self.metrics.registry_version.set(self.version)
             return self.version
 
-    def _apply(self, change: Change, pending: list[TaskEntry], publish: bool) -> list[TaskEntry]:
-        """Take one change: upserts gather in `pending` (published a page at a time, or all at the end for a
-        fresh replica); a removal publishes what is pending first, so the order of changes is kept."""
+    def _apply(
+        self, change: Change, vectors: Vectors | None, pending: list[TaskEntry], publish: bool
+    ) -> list[TaskEntry]:
+        """Take one change (`vectors`: its prototype and key when read with its page): upserts gather in
+        `pending` (published a page at a time, or all at the end for a fresh replica); a removal publishes what
+        is pending first, so the order of changes is kept."""
         if change.task is None and change.error is None:  # removed
             self._flush(pending)
             self.refused.pop(change.name, None)
@@ -102,7 +108,7 @@ class RegistrySync:
             if served is not None and served.source == "adapted":
                 self.catalog.remove(change.name)
             return []
-        entry = self._entry(change)
+        entry = self._entry(change, vectors)
         if entry is not None:
             pending.append(entry)
         if publish and len(pending) >= PAGE:
@@ -114,13 +120,18 @@ class RegistrySync:
         """Publish the entries whose routing keys the index takes; refuse (and name) the others."""
         if not entries:
             return
-        ok = self.catalog.index.valid(np.stack([e.routing_key for e in entries]))
-        for entry in (e for e, good in zip(entries, ok, strict=True) if not good):
-            self._refuse(entry.name, f"registry record {entry.name!r} is not servable: its key is not finite or zero")
-        self.catalog.upsert_many([e for e, good in zip(entries, ok, strict=True) if good])
+        keys = np.stack([e.routing_key for e in entries])  # once: checked here, indexed as they are
+        ok = self.catalog.index.valid(keys)
+        good = entries
+        if not ok.all():
+            for entry in (e for e, fine in zip(entries, ok, strict=True) if not fine):
+                why = "is not servable: its key is not finite or zero"
+                self._refuse(entry.name, f"registry record {entry.name!r} {why}")
+            good, keys = [e for e, fine in zip(entries, ok, strict=True) if fine], keys[ok]
+        self.catalog.upsert_many(good, keys)
         entries.clear()
 
-    def _entry(self, change: Change) -> TaskEntry | None:
+    def _entry(self, change: Change, vectors: Vectors | None) -> TaskEntry | None:
         """The catalogue entry a change asks for; None for a refused or a foreign record."""
         if change.error is not None:
             self._refuse(change.name, change.error)
@@ -137,7 +148,10 @@ class RegistrySync:
             )
             return None
         try:
-            tensors = AdaptedTensors.from_bytes(change.tensors or b"", self.n_layers)
+            if vectors is not None:
+                tensors = AdaptedTensors(*vectors, None)
+            else:
+                tensors = AdaptedTensors.from_bytes(change.tensors or b"", self.n_layers)
             if tensors.prototype.shape != tensors.key.shape:
                 raise ValueError("its prototype and key differ in size")
             offsets, temperature = None, float(task.label_temperature)
@@ -171,6 +185,16 @@ class RegistrySync:
         self.refused[name] = error
         self.metrics.registry_errors.inc()
         log.error("registry record refused; the rest is served", extra={"task": name, "error": error})
+
+
+def _vectors_of(page: list[Change]) -> list[Vectors | None]:
+    """The prototype and key of each readable registration of a page, decoded together (None: read alone)."""
+    rows = [i for i, change in enumerate(page) if change.task is not None and change.tensors]
+    found = vectors_of_many([page[i].tensors for i in rows])
+    out: list[Vectors | None] = [None] * len(page)
+    for i, vectors in zip(rows, found, strict=True):
+        out[i] = vectors
+    return out
 
 
 @contextlib.contextmanager

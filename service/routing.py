@@ -160,7 +160,12 @@ class PrototypeIndex:
         if not keys:
             return
         tasks, vectors, groups = (list(part) for part in zip(*keys, strict=True))
-        vectors = self._checked(tasks, self._stacked(tasks, vectors))
+        self.add_columns(tasks, self._stacked(tasks, vectors), groups)
+
+    def add_columns(self, tasks: list[str], vectors: np.ndarray, groups: list[Group]) -> None:
+        """`upsert_many` for keys already stacked [N, dim] (row i is task i's; each task once): a replica
+        catching up stacks a million keys once, not once per layer."""
+        vectors = self._checked(tasks, vectors)
         with self._lock:
             self._remove_locked([task for task in tasks if task in self._ids])
             start = len(self._names)

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from pha_core.adapt import _encode, adapt_task, adapted_adapters, choose_source, score_adapted
+from pha_core.adapt import (
+    AdaptedTensors,
+    _encode,
+    adapt_task,
+    adapted_adapters,
+    choose_source,
+    score_adapted,
+    vectors_of_many,
+)
 from pha_core.adapters import AdapterWeights
 from pha_core.model import PHAModel
 from pha_core.scoring import AnswerSpace, rank
@@ -103,3 +111,23 @@ def test_adaptation_with_labels_serves_its_fitted_prior(model):
         return float(np.mean([np.log(s.probabilities[e.target]) for s, e in zip(scored, SHOTS, strict=True)]))
 
     assert own_label_logp(space) >= own_label_logp(AnswerSpace(tuple(labels))) - 1e-6
+
+
+def test_files_read_a_page_at_a_time_give_what_each_file_gives_alone():
+    """vectors_of_many (a replica's catch-up) against from_bytes (one file): the same prototype and key for the
+    files of the first one's layout; None (read alone) for another layout, a truncated file, junk."""
+    from safetensors.numpy import save as np_save
+
+    rng = np.random.default_rng(0)
+    half = [AdaptedTensors(rng.standard_normal(16), rng.standard_normal(16), None).to_bytes() for _ in range(3)]
+    wide = np_save({"prototype": rng.standard_normal(16).astype(np.float32), "key": np.ones(16, np.float32)})
+    files = [half[0], wide, half[1], half[2][:-2], b"junk", half[2]]
+    out = vectors_of_many(files)
+    for i in (0, 2, 5):
+        alone = AdaptedTensors.from_bytes(files[i], n_layers=1)
+        np.testing.assert_array_equal(out[i][0], alone.prototype)
+        np.testing.assert_array_equal(out[i][1], alone.key)
+        assert out[i][0].dtype == np.float16 and out[i][0].shape == (16,)
+    assert out[1] is None and out[3] is None and out[4] is None
+    assert vectors_of_many([b"junk", *half]) == [None] * 4, "the first file sets the layout"
+    assert vectors_of_many([wide])[0] is not None and vectors_of_many([]) == []

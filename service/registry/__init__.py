@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from .records import NAME_PATTERN, Change, NameTaken, RegisteredTask, RegistryError, check_name, name_taken
 from .sqlite import SqliteRegistry
-from .store import PAGE, RegistryStore, all_changes, live
+from .store import PAGE, RegistryStore, all_changes, live, pages
 
 if TYPE_CHECKING:
     import redis
@@ -27,6 +27,7 @@ __all__ = [
     "live",
     "name_taken",
     "open_registry",
+    "pages",
 ]
 
 

@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from pha_core.adapt import AdaptResult
@@ -116,12 +116,12 @@ def digest(record: bytes, tensors: bytes) -> str:
     return h.hexdigest()[:32]
 
 
-@dataclass(frozen=True)
-class Change:
+class Change(NamedTuple):
     """One entry of the change log, as a replica applies it: the task's state after change `seq`.
 
     `task` None: the task was removed. `error` set: the stored record is corrupt (named in the message) and must
-    not be served; the rest of the log is unaffected.
+    not be served; the rest of the log is unaffected. (A named tuple: a fresh replica reads a million, and one
+    is built in a third of a frozen dataclass's time.)
     """
 
     seq: int

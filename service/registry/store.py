@@ -45,14 +45,21 @@ class RegistryStore(Protocol):
     def close(self) -> None: ...
 
 
-def all_changes(store: RegistryStore, after: int = 0) -> Iterator[Change]:
-    """Every change after `after`, page by page."""
+def pages(store: RegistryStore, after: int = 0) -> Iterator[list[Change]]:
+    """Every change after `after`, a page at a time (pages are never empty)."""
     while True:
         page = store.changes(after)
-        yield from page
+        if page:
+            yield page
         if len(page) < PAGE:
             return
         after = page[-1].seq
+
+
+def all_changes(store: RegistryStore, after: int = 0) -> Iterator[Change]:
+    """Every change after `after`, one at a time."""
+    for page in pages(store, after):
+        yield from page
 
 
 def live(store: RegistryStore) -> dict[str, Change]:

@@ -249,3 +249,45 @@ def test_an_unreadable_earlier_layout_is_refused_and_named(tmp_path):
     with pytest.raises(Exception, match="earlier layout"):
         store.head()
     assert (tmp_path / "manifest.json").exists()
+
+
+def test_a_fresh_replica_serves_what_the_log_says_across_pages(store):
+    """A replica catching up from 0 over more than two pages (tensors decoded a page at a time): files of two
+    layouts, removals, a replacement, a corrupt record and a zero key. It serves exactly the live, servable tasks,
+    each with the vectors its stored file holds, and names the two it refuses."""
+    from safetensors.numpy import save as np_save
+
+    from pha_core.adapt import AdaptedTensors
+    from service.adaptation import RegistrySync
+    from service.catalog import TaskCatalog
+    from service.registry import PAGE
+    from service.routing import PrototypeIndex
+    from service.telemetry import Metrics
+
+    rng = np.random.default_rng(0)
+    files = {}
+    for i in range(2 * PAGE + 300):
+        key = rng.standard_normal(16).astype(np.float32)  # every 7th in float32: read alone, mid-page
+        files[f"t{i}"] = (
+            np_save({"prototype": key, "key": key}) if i % 7 == 3 else AdaptedTensors(key, key, None).to_bytes()
+        )
+    files["zero"] = AdaptedTensors(np.zeros(16), np.zeros(16), None).to_bytes()
+    store.register_many([(_task(name, f"job-{name}"), data) for name, data in files.items()])
+    for name in ("t5", "t1500"):
+        store.remove(name)
+        del files[name]
+    files["t10"] = AdaptedTensors(np.ones(16), -np.ones(16), None).to_bytes()
+    store.register(_task("t10", "job-t10-again"), files["t10"], replace=True)
+    _corrupt(store, "t20")
+
+    catalog = TaskCatalog(PrototypeIndex(16))
+    sync = RegistrySync(store, catalog, "v1", 1, Metrics())
+    assert sync.apply() == store.head()
+    assert set(sync.refused) == {"t20", "zero"} and "'t20'" in sync.error
+    assert set(catalog.names()) == set(files) - {"t20", "zero"}
+    for name in catalog.names():
+        alone = AdaptedTensors.from_bytes(files[name], n_layers=1)
+        entry = catalog.get(name)
+        np.testing.assert_array_equal(entry.vector, alone.prototype)
+        np.testing.assert_array_equal(entry.key, alone.key)
+    assert catalog.index.search(-np.ones((1, 16), np.float32))[0].task == "t10", "routed by its replaced key"
