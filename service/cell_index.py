@@ -24,6 +24,12 @@ from service import _cellscan
 
 LANES = _cellscan.LANES  # keys per code block: their 16 float32 scores fill two AVX2 registers
 GROWTH = 1.5  # a full cell's arrays grow by half: amortised O(1) additions, at most a third of a cell unused
+# The first fill lays every cell out in one array per part (a slab), each cell with a quarter more room than it
+# needs: arrays of megabytes get transparent huge pages (numpy asks for them from 4 MB up), where a thousand
+# cells of their own sit on 4 KB pages and a batch's scan misses the TLB on nearly every cell it reads (1M keys,
+# 155 batches of 32, four passes each: p50 4.6-5.8 -> 3.6-3.9 ms, p99 6.8-19.7 -> 4.8-9.4 ms). A cell that
+# outgrows its room moves to arrays of its own, as every cell did before; its old room stays unused.
+SLACK = 1.25
 TRAIN_POINTS_PER_CELL = 40  # k-means sample per cell: enough for stable cells, and training stays in seconds
 # Directions of the scan codes. Queries (retrieval vectors z) and keys live near a few task clusters, so the top
 # directions of the keys' second moment carry nearly all of a query's energy (98% in 8 of 128 on the demo's z),
@@ -87,6 +93,8 @@ class CellIndex:
             return
         _, cells = self.assigner.search(vectors, 1)
         cells = cells[:, 0]
+        if not self.ntotal and not any(len(i) for i in self.ids):
+            self._lay_out(np.bincount(cells, minlength=len(self.centroids)))
         if ids.max() >= len(self.where):
             grown = np.full(max(int(ids.max()) + 1, int(len(self.where) * GROWTH)), -1, np.int64)
             grown[: len(self.where)] = self.where
@@ -110,6 +118,19 @@ class CellIndex:
         self.ids[cell][size:need] = ids
         self.where[ids] = (cell << 32) | slots
         self.sizes[cell] = need
+
+    def _lay_out(self, counts: np.ndarray) -> None:
+        """Room for `counts` keys per cell (and SLACK more) in one slab per part; each cell gets views of it."""
+        capacity = -(-np.ceil(counts * SLACK).astype(np.int64) // LANES) * LANES
+        ends = np.cumsum(capacity)
+        total = int(ends[-1]) if len(ends) else 0
+        codes = np.zeros((total // LANES, self.rdim, LANES), np.float16)
+        keys = np.zeros((total, self.dim), np.float16)
+        ids = np.full(total, -1, np.int64)
+        for cell, (end, room) in enumerate(zip(ends.tolist(), capacity.tolist(), strict=True)):
+            start = end - room
+            self.codes[cell] = codes[start // LANES : end // LANES]
+            self.keys[cell], self.ids[cell] = keys[start:end], ids[start:end]
 
     def _reserve(self, cell: int, capacity: int) -> None:
         size = int(self.sizes[cell])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service import _cellscan
-from service.cell_index import LANES, CellIndex
+from service.cell_index import LANES, SLACK, CellIndex
 from service.routing import normalise
 
 
@@ -125,6 +125,23 @@ def test_cells_grow_by_blocks_of_lanes():
     index = CellIndex.build(keys, np.arange(100), nlist=2, nprobe=2, threads=1)
     for c in range(2):
         assert len(index.ids[c]) % LANES == 0 and index.codes[c].shape[0] * LANES == len(index.ids[c])
+
+
+def test_the_first_fill_shares_one_slab_and_a_cell_that_outgrows_its_room_moves_out():
+    """Huge pages for the scan: the first fill puts every cell in one array per part, with SLACK room; a cell
+    that outgrows it gets arrays of its own and search still follows the rule."""
+    keys = clustered(2000, 24, seed=12)
+    index = CellIndex.build(keys, np.arange(2000), nlist=10, nprobe=10, threads=1)
+    slab = index.keys[0].base
+    assert slab is not None and all(k.base is slab for k in index.keys)
+    assert all(len(index.ids[c]) >= SLACK * index.sizes[c] for c in range(10))
+    size, room = int(index.sizes[3]), len(index.ids[3]) - int(index.sizes[3])
+    near = normalise(index.centroids[3] + 1e-3 * np.random.default_rng(13).standard_normal((room + 5, 24)))
+    index.add(near, np.arange(2000, 2000 + room + 5))
+    assert index.sizes[3] == size + room + 5 and index.keys[3].base is not slab
+    assert all(index.keys[c].base is slab for c in range(10) if c != 3)
+    queries = clustered(20, 24, seed=14)
+    np.testing.assert_array_equal(index.search(queries, 3)[1], reference(index, queries, 3, 128)[1])
 
 
 def test_the_plain_c_path_gives_what_the_vector_path_gives(tmp_path):
