@@ -1,6 +1,6 @@
 """Scale benchmark: the registry, a replica's catch-up and routing at 10k, 100k and 1M tasks.
 
-    python bench/scale.py --sizes 10000 100000 1000000 --output bench/results/scale_cpu.json
+    python bench/scale.py --sizes 10000 100000 1000000 --serve --output bench/results/scale_cpu.json
     python bench/scale.py --sizes 10000 --store redis          # a private redis-server, appendfsync always
 
 Tasks are prototype-mode tasks as `pha adapt` / PUT /prototypes make them, with routing keys drawn around the
@@ -10,13 +10,16 @@ noise's size set so a key's cosine to its own z is ~0.87. Queries are the z of o
 
 Per size, in a fresh store:
 1. `register`: N - R tasks loaded in batches of 10k (`register_many`), then R single registrations timed
-   (p50/p99: one change at size N), and the durable bytes per task (file or Redis memory).
+   (p50/p99: one change at size N), and the durable bytes per task (the SQLite file; for Redis the
+   append-only files after a rewrite, and its memory beside them).
 2. A fresh replica (a child process, so its RSS is its own): the demo model loaded, then `RegistrySync.apply`
    from 0 (every task read, checked, decoded, put in the catalogue and the index); its wall time, and the RSS the
    catalogue + index add.
 3. In that replica: one change applied (a registration by another writer, then `apply`), p50/p99 over 200;
    routing (encode excluded, on the routing thread) at batch 1 (1,000 queries) and 32 (5 passes over them, in
    other orders: ~155 batches), p50/p99/max; recall@1 of routing against exact search over every key.
+4. With `--serve`: `pha serve` itself started on the store (the HTTP app, the bundled demo), timed from the
+   process's start to its first /readyz 200 (imports, model, catch-up and warm-up), and its RSS then.
 
 Not a test: numbers depend on the machine, which is printed and written with them.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -129,15 +133,30 @@ def open_store(kind: str, where: str):
     return SqliteRegistry(where) if kind == "sqlite" else RedisRegistry(where)
 
 
-def durable_bytes(kind: str, where: str, store) -> int:
+def durable_bytes(kind: str, where: str, store, folder: Path | None = None) -> int:
+    """What the store keeps on disk: the SQLite file (and its WAL), or Redis's append-only files after a rewrite
+    (what a restarted Redis replays: its base is an RDB image, as `aof-use-rdb-preamble` makes it by default)."""
     if kind == "sqlite":
         return sum(p.stat().st_size for p in Path(where).parent.glob(Path(where).name + "*"))
-    return int(store.r.info("memory")["used_memory"])
+    if folder is None:
+        return 0
+
+    def rewriting() -> bool:
+        info = store.r.info("persistence")
+        return bool(int(info["aof_rewrite_in_progress"]) or int(info["aof_rewrite_scheduled"]))
+
+    while rewriting():  # one Redis started itself as the file grew: it may predate the last writes
+        time.sleep(0.2)
+    store.r.bgrewriteaof()
+    while rewriting():
+        time.sleep(0.2)
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.suffix != ".log")
 
 
-def fill(kind: str, where: str, n: int, z_base: np.ndarray, model_version: str) -> dict:
+def fill(kind: str, where: str, n: int, z_base: np.ndarray, model_version: str, folder: Path | None = None) -> dict:
     store = open_store(kind, where)
-    before = durable_bytes(kind, where, store)
+    before = durable_bytes(kind, where, store, folder)
+    memory_before = int(store.r.info("memory")["used_memory"]) if kind == "redis" else 0
     start = time.perf_counter()
     bulk = n - SINGLE
     for lo in range(0, bulk, 10_000):
@@ -152,9 +171,12 @@ def fill(kind: str, where: str, n: int, z_base: np.ndarray, model_version: str) 
         t0 = time.perf_counter()
         store.register(task, tensors)
         single.append(time.perf_counter() - t0)
-    size = durable_bytes(kind, where, store) - before
+    size = durable_bytes(kind, where, store, folder) - before
+    row = {"bulk_load_seconds": loaded, "register": percentiles(single), "durable_bytes_per_task": size / n}
+    if kind == "redis":
+        row["redis_memory_bytes_per_task"] = (int(store.r.info("memory")["used_memory"]) - memory_before) / n
     store.close()
-    return {"bulk_load_seconds": loaded, "register": percentiles(single), "durable_bytes_per_task": size / n}
+    return row
 
 
 # ------------------------------------------------------------------------------------------- the replica
@@ -271,6 +293,21 @@ def replica(kind: str, where: str, n: int, z_path: Path) -> dict:
     }
 
 
+def serve(kind: str, where: str, tmp: Path) -> dict:
+    """`pha serve` itself (the HTTP app, a process of its own, the bundled demo) started on the store: seconds from
+    the process's start to its first /readyz 200 (imports, model, catch-up, warm-up), and its RSS then."""
+    from tests.support.processes import ApiServer, rss_kib
+
+    settings = {"PHA_REGISTRY_STORE": kind, "PHA_LOG_LEVEL": "WARNING"}
+    settings.update({"PHA_REGISTRY_DIR": str(Path(where).parent)} if kind == "sqlite" else {"PHA_REDIS_URL": where})
+    start = time.perf_counter()
+    with ApiServer(settings, tmp / "serve.log") as api:  # start() returns at the first /readyz 200
+        seconds = time.perf_counter() - start
+        ready = api.wait_ready()
+        rss = rss_kib(api.process.pid) / 1024
+    return {"serve_ready_seconds": seconds, "serve_tasks": ready["tasks"], "serve_rss_mb": rss}
+
+
 def exact_cosine(query: np.ndarray, name: str, z_base: np.ndarray, trained: np.ndarray, tasks: list[str]) -> float:
     """The cosine of `query` to task `name`'s key as stored (float16, normalised), computed exactly."""
     if name in tasks:
@@ -287,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", choices=["sqlite", "redis"], default="sqlite")
     p.add_argument("--rows-per-task", type=int, default=500, help="real inputs per task for the z vectors")
     p.add_argument("--output", default="bench/results/scale_cpu.json")
+    p.add_argument(
+        "--serve", action="store_true", help="also start `pha serve` on each store and time it to /readyz 200"
+    )
     p.add_argument("--replica", nargs=4, metavar=("KIND", "WHERE", "N", "Z"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.replica:
@@ -306,16 +346,17 @@ def main(argv: list[str] | None = None) -> int:
         z_base = z[: len(z) // 2]
         results["real_inputs"] = len(z)
         for n in args.sizes:
-            server = None
+            server, folder = None, Path(tmp) / f"registry-{n}"
             if args.store == "sqlite":
-                where = str(Path(tmp) / f"registry-{n}.sqlite3")
+                folder.mkdir()
+                where = str(folder / "registry.sqlite3")  # the file name `pha serve` opens in PHA_REGISTRY_DIR
             else:
                 from tests.support.redis_server import PrivateRedis
 
                 server = PrivateRedis(Path(tmp) / f"redis-{n}", appendfsync="always").start()
                 where = server.url
             try:
-                row = fill(args.store, where, n, z_base, model_version)
+                row = fill(args.store, where, n, z_base, model_version, server.folder if server else None)
                 child = subprocess.run(
                     [sys.executable, __file__, "--replica", args.store, where, str(n), str(z_path)],
                     capture_output=True,
@@ -324,11 +365,12 @@ def main(argv: list[str] | None = None) -> int:
                     env={**os.environ, "PYTHONPATH": str(ROOT)},
                 )
                 row.update(json.loads(child.stdout.strip().splitlines()[-1]))
+                if args.serve:
+                    row.update(serve(args.store, where, Path(tmp)))
             finally:
                 if server is not None:
                     server.kill()
-                for f in Path(tmp).glob(f"registry-{n}.sqlite3*"):
-                    f.unlink()
+                shutil.rmtree(folder, ignore_errors=True)
             results["sizes"][str(n)] = row
             print(f"{n} tasks ({args.store}): " + json.dumps(row), flush=True)
             write_result(args.output, results)
