@@ -87,3 +87,41 @@ def test_docs_and_openapi_examples(client):
     request_schema = spec["components"]["schemas"]["PredictRequest"]
     assert request_schema["examples"] and "backbone_only" not in request_schema["properties"]
     assert spec["components"]["schemas"]["PredictResponse"]["examples"]
+
+
+def test_warm_up_generates_the_trained_tasks_adapters_only(tiny_checkpoint, tmp_path):
+    """A replica restarting on a registry of adapted tasks serves them (caught up) without making their adapters
+    at start-up: those come on first use, so a start costs the same with 40 tasks or a million."""
+    import numpy as np
+
+    from pha_core.adapt import AdaptedTensors
+    from service.registry import RegisteredTask, SqliteRegistry
+
+    with running_app(tiny_checkpoint, registry_dir=str(tmp_path)) as client:
+        model, dim = (
+            client.get("/readyz").json()["model"],
+            len(client.get("/prototypes/rte?include_vector=true").json()["vector"]),
+        )
+    store = SqliteRegistry.in_folder(tmp_path)
+    rng = np.random.default_rng(0)
+    store.register_many(
+        [
+            (
+                RegisteredTask(name=f"task-{i}", mode="prototype", job_id=f"job-{i}", model_version=model),
+                AdaptedTensors(rng.standard_normal(dim), rng.standard_normal(dim), None).to_bytes(),
+            )
+            for i in range(40)
+        ]
+    )
+    store.close()
+
+    def regenerated(client) -> float:
+        families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+        samples = families["pha_adapter_cache_lookups"].samples
+        return sum(s.value for s in samples if s.labels.get("tier") == "regenerated" and s.name.endswith("_total"))
+
+    with running_app(tiny_checkpoint, registry_dir=str(tmp_path)) as client:
+        assert client.get("/readyz").json()["tasks"] == 3 + 40
+        assert regenerated(client) == 3, "the three trained tasks' adapters, none of the 40 adapted ones"
+        assert client.post("/predict", json={"inputs": "sentence: fine", "task": "task-7"}).status_code == 200
+        assert regenerated(client) == 4, "an adapted task's adapters are made on its first request"
