@@ -43,7 +43,9 @@ def wait_until_redis_answers(port: int, server: Child, timeout: float = 20) -> N
 class PrivateRedis(Child):
     """redis-server on 127.0.0.1:`port` with its files (and log) in `folder`; `url` is its database 0."""
 
-    def __init__(self, folder: Path, appendonly: bool = True, appendfsync: str = "everysec") -> None:
+    def __init__(
+        self, folder: Path, appendonly: bool = True, appendfsync: str = "everysec", options: tuple[str, ...] = ()
+    ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed")
         self.folder = folder
@@ -51,7 +53,7 @@ class PrivateRedis(Child):
         self.url = f"redis://127.0.0.1:{self.port}/0"
         # appendfsync "always": every acknowledged write is on disk (the registry store's need)
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""]
-        cmd += ["--appendonly", "yes" if appendonly else "no", "--appendfsync", appendfsync]
+        cmd += ["--appendonly", "yes" if appendonly else "no", "--appendfsync", appendfsync, *options]
         super().__init__(cmd, dict(os.environ), folder / "redis.log")
 
     def start(self, timeout: float = 20) -> PrivateRedis:
