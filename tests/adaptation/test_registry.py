@@ -291,3 +291,32 @@ def test_a_fresh_replica_serves_what_the_log_says_across_pages(store):
         np.testing.assert_array_equal(entry.vector, alone.prototype)
         np.testing.assert_array_equal(entry.key, alone.key)
     assert catalog.index.search(-np.ones((1, 16), np.float32))[0].task == "t10", "routed by its replaced key"
+
+
+def test_a_worker_follows_the_rivals_a_page_at_a_time(store):
+    """The worker's index of other tasks' keys (service.worker.Rivals): built in bulk over pages, then patched by
+    later changes; removed, foreign-model, corrupt and zero-key tasks are never rivals."""
+    from pha_core.adapt import AdaptedTensors
+    from service.registry import PAGE
+    from service.worker import Rivals
+
+    rng = np.random.default_rng(1)
+    live = {f"r{i}": rng.standard_normal(16) for i in range(PAGE + 200)}
+    store.register_many(
+        [(_task(name, f"job-{name}"), AdaptedTensors(v, v, None).to_bytes()) for name, v in live.items()]
+    )
+    foreign = RegisteredTask(name="other-model", mode="prototype", job_id="job-o", model_version="v2")
+    store.register(foreign, AdaptedTensors(np.ones(16), np.ones(16), None).to_bytes())
+    store.register(_task("zero", "job-z"), AdaptedTensors(np.zeros(16), np.zeros(16), None).to_bytes())
+    store.remove("r3")
+    _corrupt(store, "r4")
+    rivals = Rivals(store, "v1", 1, 16)
+    rivals.refresh()
+    expected = set(live) - {"r3", "r4"}
+    assert len(rivals.keys) == len(expected) and all(name in rivals.keys for name in expected)
+    store.register(_task("late", "job-late"), AdaptedTensors(-np.ones(16), -np.ones(16), None).to_bytes())
+    store.remove("r5")
+    rivals.refresh()
+    assert "late" in rivals.keys and "r5" not in rivals.keys and len(rivals.keys) == len(expected)
+    nearest = rivals.keys.nearest_keys(-np.ones(16, np.float32), 1)
+    np.testing.assert_allclose(nearest[0], -np.ones(16) / 4, atol=1e-3)
