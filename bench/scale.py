@@ -18,7 +18,9 @@ Per size, in a fresh store:
 3. In that replica: one change applied (a registration by another writer, then `apply`), p50/p99 over 200;
    routing (encode excluded, on the routing thread) at batch 1 (1,000 queries) and 32 (5 passes over them, in
    other orders: ~155 batches), p50/p99/max; recall@1 of routing against exact search over every key.
-4. With `--serve`: `pha serve` itself started on the store (the HTTP app, the bundled demo), timed from the
+4. In that process, a worker's catch-up: `service.worker.Rivals.refresh` (every adapted task's key indexed, what
+   a worker does before its first job).
+5. With `--serve`: `pha serve` itself started on the store (the HTTP app, the bundled demo), timed from the
    process's start to its first /readyz 200 (imports, model, catch-up and warm-up), and its RSS then.
 
 Not a test: numbers depend on the machine, which is printed and written with them.
@@ -273,7 +275,17 @@ def replica(kind: str, where: str, n: int, z_path: Path) -> dict:
     regret = best - np.array(routed)
     regret = np.maximum(regret, 0.0)
     assert len(catalog) == live + len(engine.tasks)
+    # A worker starting on the store: its index of the other tasks' keys (what a new task keeps clear of).
+    from service.worker import Rivals
+
+    model = engine.model
+    rivals = Rivals(open_store(kind, where), engine.model_version, model.n_decoder_layers, engine.config.proto_dim)
+    t0 = time.perf_counter()
+    rivals.refresh()
+    worker_seconds = time.perf_counter() - t0
+    assert len(rivals.keys) == live
     return {
+        "worker_catch_up_seconds": worker_seconds,
         "model_load_seconds": model_seconds,
         "catch_up_seconds": catch_up,
         "fresh_replica_serves_after_seconds": model_seconds + catch_up,
