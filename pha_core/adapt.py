@@ -289,22 +289,27 @@ def _vectors_only(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
     return parts["prototype"], parts["key"]
 
 
-def vectors_of_many(files: Sequence[bytes]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+def vectors_of_many(files: Sequence[bytes | None]) -> list[tuple[np.ndarray, np.ndarray] | None]:
     """`_vectors_only` for many files at once (a replica catching up reads a million, a page at a time): the
-    files with the first one's header and length are sliced as one [n, bytes] array, ~1 us a file where one by
+    files with the first file's header and length are sliced as one [n, bytes] array, ~1 us a file where one by
     one costs ~5 us of Python. (prototype, key) per file, as row views of one [n, dim] array per tensor (a page
-    of them lives as long as any of its rows: at most a page's vectors over what the entries hold); None for the
-    files read otherwise (`AdaptedTensors.from_bytes`: other layouts, adapters, corrupt bytes)."""
+    of them lives as long as any of its rows: at most a page's vectors over what the entries hold); None for a
+    missing file (None or empty: a removal) and for the files read otherwise (`AdaptedTensors.from_bytes`:
+    other layouts, adapters, corrupt bytes)."""
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(files)
+    present = [i for i, data in enumerate(files) if data]
+    if not present:
+        return out
+    first = files[present[0]]
     try:
-        size = _header_size(files[0]) if files else 0
-        layout = _layout(bytes(files[0][8 : 8 + size])) if files else None
+        size = _header_size(first)
+        layout = _layout(bytes(first[8 : 8 + size]))
     except ValueError:
         return out
     if layout is None:
         return out
-    head, length = files[0][: 8 + size], len(files[0])
-    rows = [i for i, data in enumerate(files) if len(data) == length and data.startswith(head)]
+    head, length = first[: 8 + size], len(first)
+    rows = [i for i in present if len(files[i]) == length and files[i].startswith(head)]
     block = np.frombuffer(b"".join([files[i] for i in rows]), np.uint8).reshape(len(rows), length)
     parts = {}
     for name, dtype, start, count in layout:

@@ -74,7 +74,7 @@ class RegistrySync:
             pending: list[TaskEntry] = []
             try:
                 for page in pages(self.registry, max(self.version, 0)):
-                    vectors = _vectors_of(page)
+                    vectors = vectors_of_many([c.tensors if c.task is not None else None for c in page])
                     for change, decoded in zip(page, vectors, strict=True):
                         pending = self._apply(change, decoded, pending, publish=not fresh)
                         self.version = max(self.version, change.seq)
@@ -185,16 +185,6 @@ class RegistrySync:
         self.refused[name] = error
         self.metrics.registry_errors.inc()
         log.error("registry record refused; the rest is served", extra={"task": name, "error": error})
-
-
-def _vectors_of(page: list[Change]) -> list[Vectors | None]:
-    """The prototype and key of each readable registration of a page, decoded together (None: read alone)."""
-    rows = [i for i, change in enumerate(page) if change.task is not None and change.tensors]
-    found = vectors_of_many([page[i].tensors for i in rows])
-    out: list[Vectors | None] = [None] * len(page)
-    for i, vectors in zip(rows, found, strict=True):
-        out[i] = vectors
-    return out
 
 
 @contextlib.contextmanager

@@ -188,17 +188,17 @@ class Rivals:
 
     def refresh(self) -> None:
         """Apply the registry's changes since the last refresh in one index update: a worker starting on a
-        million tasks indexes them in bulk (tensors decoded a page at a time, the cells cut once): 29 s for 1M
-        (bench's store, session 16), where key by key took 90 s for the first 809k, past a job's 60 s lease."""
+        million tasks indexes them in bulk (tensors decoded a page at a time, the cells cut once): 24 s for 1M
+        (bench/scale.py, session 16), where key by key took 90 s for the first 809k, past a job's 60 s lease."""
         added: dict[str, np.ndarray] = {}
         dropped: set[str] = set()  # removed, foreign, unreadable or unusable: out of the rivals
         cursor = self.cursor
         for page in pages(self.registry, self.cursor):
             cursor = page[-1].seq
-            ours = [c for c in page if c.task is not None and c.task.model_version == self.model_version]
-            decoded = dict(zip([c.name for c in ours], vectors_of_many([c.tensors or b"" for c in ours]), strict=True))
-            for change in page:
-                key = self._key(change, decoded) if change.name in decoded else None
+            ours = [c.task is not None and c.task.model_version == self.model_version for c in page]
+            decoded = vectors_of_many([c.tensors if mine else None for c, mine in zip(page, ours, strict=True)])
+            for change, mine, vectors in zip(page, ours, decoded, strict=True):
+                key = self._key(change, vectors) if mine else None
                 if key is not None:
                     added[change.name] = key
                     dropped.discard(change.name)
@@ -213,14 +213,17 @@ class Rivals:
         self.keys.upsert_many((name, added[name], None) for name, fine in zip(names, good, strict=True) if fine)
         self.cursor = cursor
 
-    def _key(self, change: Change, decoded: dict[str, tuple[np.ndarray, np.ndarray] | None]) -> np.ndarray | None:
-        """The change's routing key (flat, `dim` numbers), or None when it has none that can be used."""
-        vectors, data = decoded[change.name], change.tensors or b""
-        try:
-            key = vectors[1] if vectors is not None else AdaptedTensors.from_bytes(data, self.n_layers).key
-        except ValueError as exc:
-            log.warning("skipping unreadable registry entry", extra={"task": change.name, "error": str(exc)})
-            return None
+    def _key(self, change: Change, vectors: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
+        """The change's routing key (flat, `dim` numbers; `vectors`: decoded with its page), or None when it has
+        none that can be used."""
+        if vectors is not None:
+            key = vectors[1]
+        else:  # another layout, adapters, or corrupt bytes: read alone
+            try:
+                key = AdaptedTensors.from_bytes(change.tensors or b"", self.n_layers).key
+            except ValueError as exc:
+                log.warning("skipping unreadable registry entry", extra={"task": change.name, "error": str(exc)})
+                return None
         return np.reshape(key, -1) if np.size(key) == self.keys.dim else None
 
     def near(self, engine, examples: list[Example], exclude: str) -> np.ndarray | None:

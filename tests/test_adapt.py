@@ -131,3 +131,5 @@ def test_files_read_a_page_at_a_time_give_what_each_file_gives_alone():
     assert out[1] is None and out[3] is None and out[4] is None
     assert vectors_of_many([b"junk", *half]) == [None] * 4, "the first file sets the layout"
     assert vectors_of_many([wide])[0] is not None and vectors_of_many([]) == []
+    gaps = vectors_of_many([None, half[0], b"", half[1]])  # removals in a page: no file, no layout from them
+    assert gaps[0] is None and gaps[2] is None and gaps[1] is not None and gaps[3] is not None
