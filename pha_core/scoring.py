@@ -18,8 +18,12 @@ STS-B has no label words: its targets are scores rounded to 0.2 ("3.8"), so its 
 0.0 ... 5.0, and the answer is the expectation over the bins (sum_b P(b) * b), a real number: Pearson rewards a
 graded answer, the argmax bin throws that information away (docs/results.md measures both).
 
-Every (row, candidate) pair is one row of a decoder pass (chunked to bound memory) that starts from its row's
-cache (cross-attention keys and values made once per row), and the output layer runs once per distinct (row,
+A token that only one candidate puts after its prefix scores log 1 = 0 (EOS after a whole label, the "." of a
+bin), so the decoder runs only as far as the candidates branch (_Plan): one step a row for GLUE's label words,
+which differ in their first token; for STS-B's bins, which branch after the start and after "d." ("5." has one
+bin), five sequences of 3 tokens (start, digit, ".") a row instead of 26 of 4. Those
+sequences are the rows of a decoder pass (chunked to bound memory) that start from their row's cache
+(cross-attention keys and values made once per row), and the output layer runs once per branching (row,
 prefix); rows of a batch may belong to different tasks, each with its own candidates and adapters.
 """
 
@@ -37,11 +41,14 @@ from .tasks import get_task
 
 # STS-B targets are rounded to 0.2 (tasks._stsb_target), so these are every target it can have.
 STSB_BINS: tuple[str, ...] = tuple(f"{i / 5:.1f}" for i in range(26))
-# (input, candidate) rows per decoder pass. Each pass holds the row cache's cross-attention keys and values copied
-# per pair ([pairs, source tokens, 2 x d] a layer: 32 x 128 x 768 floats x 6 layers = 75 MB at most): a bound keeps
-# that transient small enough for the allocator to reuse instead of growing the process (the load test measured
-# RSS growth under traffic of 14.5 MiB with 1024, 8.2 with 128).
-MAX_PAIRS = 32
+# (input, candidate) pairs times the source tokens they read, per decoder pass. Each pass holds the row cache's
+# cross-attention keys and values copied per pair ([pairs, source tokens, 2 x d] a layer): a bound keeps that
+# transient small enough for the allocator to reuse instead of growing the process (the load test measured RSS
+# growth under traffic of 14.5 MiB with 1024 pairs a pass, 8.2 with 128). 32 pairs of 256 tokens (the source
+# window) is 8192: 25 MB for MiniLM's 2-layer decoder, 75 MB for 6 layers. Counted in tokens, not pairs, so that
+# short rows with many candidates share a pass: 16 STS-B rows (26 bins each, ~30 tokens) took 16 passes under a
+# bound of 32 pairs, and take 2 under this one.
+MAX_PAIR_TOKENS = 32 * 256
 # Source tokens whose cross-attention projections a row cache would save (candidates beyond the first, times the
 # longest source row) below which one decoder pass over the pairs beats two passes (start token per row, then
 # the pairs from its cache): a small batch's decoder pass costs what streaming its weights costs (~3 ms for
@@ -116,6 +123,51 @@ def candidate_ids(backbone, space: AnswerSpace) -> list[list[int]]:
     return [backbone.target_ids(word) for word in space.words]
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What one row's candidates need from the decoder (module docstring).
+
+    A token whose prefix only one candidate continues has log-probability 0 (it is normalised among one word),
+    so the decoder need only reach the prefixes where candidates branch: GLUE's label words all differ in their
+    first token, so their whole likelihood is read off the start token's state (one decoder step a row, where
+    teacher forcing every label took its length in steps per label); STS-B's 26 bins need five sequences.
+    """
+
+    sequences: tuple[tuple[int, ...], ...]  # decoder inputs after the start token; none a prefix of another
+    heads: tuple[tuple[int, int], ...]  # per branching prefix: (sequence holding it, position of its state)
+    followers: tuple[tuple[int, ...], ...]  # per branching prefix: the words candidates put after it
+    steps: tuple[tuple[tuple[int, int], ...], ...]  # per candidate: its (branching prefix, token) pairs
+
+    @classmethod
+    def of(cls, candidates: Sequence[Sequence[int]]) -> _Plan:
+        after: dict[tuple[int, ...], set[int]] = {}
+        for ids in candidates:
+            for t, token in enumerate(ids):
+                after.setdefault(tuple(ids[:t]), set()).add(token)
+        branching = {prefix: i for i, prefix in enumerate(p for p, words in after.items() if len(words) > 1)}
+        steps = tuple(
+            tuple((branching[tuple(ids[:t])], token) for t, token in enumerate(ids) if tuple(ids[:t]) in branching)
+            for ids in candidates
+        )
+
+        # each candidate's tokens up to its last branching prefix, longest first; one that another extends is
+        # decoded as part of it (the decoder is causal: a state depends on its prefix only)
+        def last_branch(ids: Sequence[int]) -> int | None:
+            return max((t for t in range(len(ids)) if tuple(ids[:t]) in branching), default=None)
+
+        reach = {tuple(ids[:t]) for ids in candidates if (t := last_branch(ids)) is not None}
+        sequences: list[tuple[int, ...]] = []
+        for r in sorted(reach, key=len, reverse=True):
+            if not any(seq[: len(r)] == r for seq in sequences):
+                sequences.append(r)
+        heads = tuple(
+            (next(i for i, seq in enumerate(sequences) if seq[: len(prefix)] == prefix), len(prefix))
+            for prefix in branching
+        )
+        followers = tuple(tuple(sorted(after[prefix])) for prefix in branching)
+        return cls(tuple(sequences), heads, followers, steps)
+
+
 @torch.no_grad()
 def label_log_likelihoods(
     model,
@@ -127,87 +179,79 @@ def label_log_likelihoods(
     """Sum of token log-probabilities of every candidate of every row: a [C_i] tensor per row i.
 
     `candidates[i]` are row i's candidate token sequences (with EOS); `adapters` hold one adapter set per row.
-    The decoder runs over every (row, candidate) pair, but the output layer runs once per distinct (row,
-    prefix), onto the words that may follow it (module docstring): the distribution of the next token depends
-    on nothing else, so positions that candidates of a row share (the first token of every label; STS-B's
-    bins "3.0" ... "3.8" share "3" and ".") are projected once: 39 head rows instead of 104 for STS-B's 26 bins.
+    The decoder runs over each row's distinct prefixes up to where its candidates last branch (_Plan), and the
+    output layer once per branching prefix, onto the words that may follow it (module docstring): the
+    distribution of the next token depends on nothing else. Rows sharing one candidate list share its plan.
     """
-    bb = model.backbone
-    scores = [torch.empty(len(c), dtype=torch.float32) for c in candidates]
+    by_list: dict[int, _Plan] = {}
+    plans = [by_list.get(id(c)) or by_list.setdefault(id(c), _Plan.of(c)) for c in candidates]
+    scores = [torch.zeros(len(c), dtype=torch.float32) for c in candidates]
     spans = _memory_spans(attention_mask)
-    for rows in _row_chunks(candidates, spans):
-        pairs = [(row, c, ids) for row in rows for c, ids in enumerate(candidates[row])]
-        width = max(len(ids) for _, _, ids in pairs)
+    for rows in _row_chunks([len(plan.sequences) for plan in plans], spans):
+        seqs = [(row, seq) for row in rows for seq in plans[row].sequences]
+        width = 1 + max(len(seq) for _, seq in seqs)
         # Only as much of the memory as these rows use: a batch's memory is as wide as its longest input.
         span = int(spans[rows].max())
         hidden, mask = encoder_hidden[:, :span], attention_mask[:, :span]
-        states = _candidate_states(model, hidden, mask, adapters, rows, pairs, width)
-        token_logp = _token_log_probs(bb, states, pairs, width)
-        k = 0
-        for row, c, ids in pairs:
-            scores[row][c] = token_logp[k : k + len(ids)].sum()
-            k += len(ids)
+        states = _sequence_states(model, hidden, mask, adapters, rows, seqs, width)
+        _add_log_probs(model.backbone, states.reshape(-1, states.size(-1)), width, rows, plans, scores)
     return scores
 
 
-def _token_log_probs(bb, states: torch.Tensor, pairs, width: int) -> torch.Tensor:
-    """log p of every scored token of every pair, in order: one head row per distinct (row, prefix), projected
-    onto the words that candidates put after that prefix and normalised among them."""
-    distinct: dict[tuple, int] = {}
-    at, heads, tokens, follows = [], [], [], []
-    for i, (row, _, ids) in enumerate(pairs):
-        for t, token in enumerate(ids):
-            key = (row, *ids[:t])
-            if key not in distinct:
-                distinct[key] = len(heads)
-                heads.append(i * width + t)
-                follows.append(set())
-            at.append(distinct[key])
-            tokens.append(token)
-            follows[distinct[key]].add(token)
-    words = sorted(set(tokens))
-    column = {word: j for j, word in enumerate(words)}
-    allowed = torch.zeros(len(heads), len(words), dtype=torch.bool)
+def _add_log_probs(bb, states: torch.Tensor, width: int, rows: list[int], plans: list[_Plan], scores) -> None:
+    """Each candidate's score of `rows`: its tokens' log-probabilities at its row's branching prefixes, each
+    state projected onto the words that may follow it and normalised among them (`states` [seqs * width, d])."""
+    at, follows, head_of, words = [], [], [], set()
+    first_seq = 0
+    for row in rows:
+        plan = plans[row]
+        head_of.append(len(at))
+        at += [(first_seq + seq) * width + position for seq, position in plan.heads]
+        follows += plan.followers
+        words.update(*plan.followers)
+        first_seq += len(plan.sequences)
+    column = {word: j for j, word in enumerate(sorted(words))}
+    allowed = torch.zeros(len(at), len(column), dtype=torch.bool)
     for h, after in enumerate(follows):
         allowed[h, [column[w] for w in after]] = True
     device = states.device
-    flat = states.reshape(-1, states.size(-1))[torch.tensor(heads, device=device)]
-    logits = bb.lm_head(flat, torch.tensor(words, device=device)).float()
+    logits = bb.lm_head(states[torch.tensor(at, device=device)], torch.tensor(list(column), device=device)).float()
     logits = logits.masked_fill(~allowed.to(device), float("-inf"))
-    where = torch.tensor(at, device=device)
-    cols = torch.tensor([column[t] for t in tokens], device=device)
-    return (logits[where, cols] - logits.logsumexp(dim=-1)[where]).cpu()
+    log_probs = (logits - logits.logsumexp(dim=-1, keepdim=True)).cpu()
+    for row, base in zip(rows, head_of, strict=True):
+        for c, steps in enumerate(plans[row].steps):
+            if steps:
+                heads = torch.tensor([base + h for h, _ in steps])
+                scores[row][c] = log_probs[heads, torch.tensor([column[t] for _, t in steps])].sum()
 
 
-def _candidate_states(model, encoder_hidden, attention_mask, adapters, rows, pairs, width) -> torch.Tensor:
-    """Decoder states [pairs, width, d] of every (row, candidate) pair, teacher-forced.
+def _sequence_states(model, encoder_hidden, attention_mask, adapters, rows, seqs, width) -> torch.Tensor:
+    """Decoder states [seqs, width, d] of every (row, sequence) after the start token, teacher-forced.
 
-    Every candidate starts with the decoder's start token, so that first step runs once per row, and its
-    cache (self-attention of the start token, cross-attention keys and values of the row's encoder states)
-    is then copied to the row's candidates, which decode the rest of their tokens from it. The cross-attention
-    projections of the encoder states -- most of a scoring pass's matmuls: STS-B scores 26 candidates on each
-    source token -- are made once per row, not once per candidate. Exact: the same attention over the same keys.
-    Where that saves less than a second pass costs (SHARED_CACHE_MIN_TOKENS), one pass over the pairs instead.
+    Every sequence starts with the decoder's start token, so that first step runs once per row, and its cache
+    (self-attention of the start token, cross-attention keys and values of the row's encoder states) is then
+    copied to the row's sequences, which decode the rest of their tokens from it. The cross-attention
+    projections of the encoder states -- most of a scoring pass's matmuls -- are made once per row, not once per
+    sequence. Exact: the same attention over the same keys. Where that saves less than a second pass costs
+    (SHARED_CACHE_MIN_TOKENS), one pass over the sequences instead.
     """
     bb, device = model.backbone, encoder_hidden.device
     row_index = torch.tensor(rows, device=device)
     local = {row: i for i, row in enumerate(rows)}
-    pair_local = torch.tensor([local[row] for row, _, _ in pairs], device=device)
+    seq_local = torch.tensor([local[row] for row, _ in seqs], device=device)
     hidden, mask = encoder_hidden.index_select(0, row_index), attention_mask.index_select(0, row_index)
     row_adapters = _select(adapters, row_index)
-    if (len(pairs) - len(rows)) * int(mask.sum(1).max()) < SHARED_CACHE_MIN_TOKENS:
-        return _pair_states(model, hidden, mask, row_adapters, pair_local, pairs, width)
+    if (len(seqs) - len(rows)) * int(mask.sum(1).max()) < SHARED_CACHE_MIN_TOKENS:
+        return _one_pass_states(model, hidden, mask, row_adapters, seq_local, seqs, width)
     start = torch.full((len(rows), 1), bb.decoder_start_token_id, dtype=torch.long, device=device)
     with model.decoder_context.use(row_adapters):
-        first, cache = bb.decode_states(start, hidden, mask, use_cache=width > 1)
-    first = first.index_select(0, pair_local)
-    if width == 1:
-        return first
-    rest_in = _decoder_inputs(bb, pairs, width)[:, 1:]  # the start token is in the cache
-    select_cache_rows(cache, pair_local)
-    with model.decoder_context.use(_select(row_adapters, pair_local)):
+        first, cache = bb.decode_states(start, hidden, mask, use_cache=True)
+    first = first.index_select(0, seq_local)
+    rest_in = _decoder_inputs(bb, seqs, width)[:, 1:]  # the start token is in the cache
+    select_cache_rows(cache, seq_local)
+    with model.decoder_context.use(_select(row_adapters, seq_local)):
         rest, _ = bb.decode_states(
-            rest_in.to(device), hidden.index_select(0, pair_local), mask.index_select(0, pair_local), cache, True
+            rest_in.to(device), hidden.index_select(0, seq_local), mask.index_select(0, seq_local), cache, True
         )
     return torch.cat([first, rest], dim=1)
 
@@ -217,23 +261,24 @@ def _select(adapters: list[AdapterWeights] | None, index: torch.Tensor) -> list[
     return None if adapters is None else [w.index_select(index) for w in adapters]
 
 
-def _pair_states(model, hidden, mask, adapters, pair_local, pairs, width) -> torch.Tensor:
-    """The same states from one decoder pass over every pair, start token included (each pair projects its
-    row's encoder states for cross-attention itself)."""
-    dec_in = _decoder_inputs(model.backbone, pairs, width)
-    with model.decoder_context.use(_select(adapters, pair_local)):
+def _one_pass_states(model, hidden, mask, adapters, seq_local, seqs, width) -> torch.Tensor:
+    """The same states from one decoder pass over every sequence, start token included (each sequence projects
+    its row's encoder states for cross-attention itself)."""
+    dec_in = _decoder_inputs(model.backbone, seqs, width)
+    with model.decoder_context.use(_select(adapters, seq_local)):
         states, _ = model.backbone.decode_states(
-            dec_in.to(hidden.device), hidden.index_select(0, pair_local), mask.index_select(0, pair_local)
+            dec_in.to(hidden.device), hidden.index_select(0, seq_local), mask.index_select(0, seq_local)
         )
     return states
 
 
-def _decoder_inputs(bb, pairs, width: int) -> torch.Tensor:
-    """Teacher-forced decoder inputs [pairs, width]: the start token, then each candidate but its EOS; padded."""
-    dec_in = torch.full((len(pairs), width), bb.pad_token_id, dtype=torch.long)
+def _decoder_inputs(bb, seqs, width: int) -> torch.Tensor:
+    """Teacher-forced decoder inputs [seqs, width]: the start token, then each sequence; padded after (the
+    decoder is causal: padding changes no state before it)."""
+    dec_in = torch.full((len(seqs), width), bb.pad_token_id, dtype=torch.long)
     dec_in[:, 0] = bb.decoder_start_token_id
-    for i, (_, _, ids) in enumerate(pairs):
-        dec_in[i, 1 : len(ids)] = torch.tensor(ids[:-1])
+    for i, (_, seq) in enumerate(seqs):
+        dec_in[i, 1 : 1 + len(seq)] = torch.tensor(seq, dtype=torch.long)
     return dec_in
 
 
@@ -243,19 +288,21 @@ def _memory_spans(mask: torch.Tensor) -> torch.Tensor:
     return (mask.bool() * positions).amax(dim=1).clamp_min(1).cpu()
 
 
-def _row_chunks(candidates: Sequence[Sequence[Sequence[int]]], spans: torch.Tensor) -> list[list[int]]:
-    """Rows in order of how much memory they read (spans [B]), grouped so that a group holds about MAX_PAIRS
-    (row, candidate) pairs; a row is never split (its candidates share head rows). Each group is cut to its
-    own widest row: a mixed serving batch has inputs of 10 to 250 tokens, and every candidate's cross-attention
-    (and the cached keys and values copied to it) reads the whole width of its group."""
+def _row_chunks(sequences: Sequence[int], spans: torch.Tensor) -> list[list[int]]:
+    """Rows in order of how much memory they read (spans [B]), grouped so that a group's decoder sequences
+    (`sequences[i]` for row i) times its widest row stay within MAX_PAIR_TOKENS; a row is never split (its
+    sequences share head rows), and a row with none (a single candidate: probability 1) joins no group. Each
+    group is cut to its own widest row: a mixed serving batch has inputs of 10 to 250 tokens, and every
+    sequence's cross-attention (and the cached keys and values copied to it) reads the whole width of its group."""
     chunks: list[list[int]] = [[]]
-    pairs = 0
-    for row in sorted(range(len(candidates)), key=lambda r: int(spans[r])):
-        if chunks[-1] and pairs + len(candidates[row]) > MAX_PAIRS:
+    count = 0
+    for row in sorted((r for r in range(len(sequences)) if sequences[r]), key=lambda r: int(spans[r])):
+        # sorted by span: this row is the widest of the group it joins
+        if chunks[-1] and (count + sequences[row]) * int(spans[row]) > MAX_PAIR_TOKENS:
             chunks.append([])
-            pairs = 0
+            count = 0
         chunks[-1].append(row)
-        pairs += len(candidates[row])
+        count += sequences[row]
     return [c for c in chunks if c]
 
 

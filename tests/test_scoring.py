@@ -59,12 +59,12 @@ def test_scores_equal_teacher_forced_log_likelihood(model):
         assert score == pytest.approx(expected, abs=1e-4), word
 
 
-@pytest.mark.parametrize("max_pairs", [scoring.MAX_PAIRS, 3])
+@pytest.mark.parametrize("max_pair_tokens", [scoring.MAX_PAIR_TOKENS, 3])
 @torch.no_grad()
-def test_mixed_task_batch_equals_one_at_a_time(model, max_pairs, monkeypatch):
+def test_mixed_task_batch_equals_one_at_a_time(model, max_pair_tokens, monkeypatch):
     """Rows of different lengths and tasks in one batch, in one group or in groups sorted by length and cut
-    to their own widest row (max_pairs 3: a group per row): each row scores as it does alone."""
-    monkeypatch.setattr(scoring, "MAX_PAIRS", max_pairs)
+    to their own widest row (a budget of 3 pair-tokens: a group per row): each row scores as it does alone."""
+    monkeypatch.setattr(scoring, "MAX_PAIR_TOKENS", max_pair_tokens)
     examples = [*EXAMPLES, Example("sentence: no", "negative", "sst2")]
     spaces = [AnswerSpace.of_task(e.task) for e in examples]
     batch, hidden, mask = _encoded(model, examples)
@@ -165,3 +165,26 @@ def test_shared_prefixes_score_as_each_candidate_alone(kind, row_cache, monkeypa
                 model, rows[row], word, hidden[row : row + 1], mask[row : row + 1], one_adapters, candidates
             )
             assert score == pytest.approx(expected, abs=1e-4), (kind, word)
+
+
+@pytest.mark.parametrize("kind", ["minilm", "t5"])
+@torch.no_grad()
+def test_labels_that_share_words_score_as_teacher_forced(kind):
+    """Labels of several words that share their first (the decoder runs to where they branch, not to their
+    end), next to a single-label space: one candidate is certain (log-likelihood 0, probability 1)."""
+    torch.manual_seed(0)
+    model = PHAModel(tiny_config(kind, tasks=["sst2"])).eval()
+    ex = Example("sentence: fine", "very good", "sst2")
+    batch, hidden, mask = _encoded(model, [ex, ex])
+    adapters = model.decoder_adapters(batch.task_ids)
+    shared = candidate_ids(model.backbone, AnswerSpace(("very good", "very bad", "not good at all", "fine")))
+    single = candidate_ids(model.backbone, AnswerSpace(("only",)))
+    assert len({ids[0] for ids in shared}) < len(shared)  # some labels share their first token
+    got, certain = label_log_likelihoods(model, hidden, mask, adapters, [shared, single])
+    for ids, score in zip(shared, got.tolist(), strict=True):
+        word = model.backbone.decode_text(ids[:-1])
+        one = [w.index_select(torch.tensor([0])) for w in adapters]
+        expected = _teacher_forced(model, ex, word, hidden[:1], mask[:1], one, shared)
+        assert score == pytest.approx(expected, abs=1e-4), (kind, word)
+    assert certain.tolist() == [0.0]
+    assert rank(model, hidden, mask, adapters, [AnswerSpace(("only",))] * 2)[1].probabilities == {"only": 1.0}
