@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-eval", type=int, default=500, help="GLUE test rows per task (split seed 42)")
     p.add_argument("--batch", type=int, default=32, help="texts per request")
     p.add_argument("--typicality", type=float, nargs="*", default=[0.005, 0.01, 0.02, 0.03, 0.05])
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32", help="the app's PHA_PRECISION")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.settings import Settings
 
     data_dir = data_dir_from_env()
-    settings = Settings(checkpoint=args.checkpoint, redis_url="", log_level="WARNING")
+    settings = Settings(checkpoint=args.checkpoint, redis_url="", log_level="WARNING", precision=args.precision)
     started = time.perf_counter()
     with TestClient(create_app(settings)) as client:
         tasks = client.app.state.pha.engine.tasks
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "checkpoint": Path(args.checkpoint).name,
         "served_threshold": threshold,
+        "precision": args.precision,
         "seconds": round(seconds, 1),
         "served": {"glue_test": in_task_report(glue, gold, None), "ood": ood_report(ood, items, None)},
         "sweep": {

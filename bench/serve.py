@@ -90,6 +90,7 @@ def server(args: argparse.Namespace, log_path: Path) -> HttpServer:
     )
     if args.threads:
         env["PHA_TORCH_THREADS"] = str(args.threads)
+    env["PHA_PRECISION"] = args.precision
     cmd = [
         sys.executable,
         "-m",
@@ -296,9 +297,10 @@ def compare(rows: list[dict]) -> list[str]:
     return lines
 
 
-def encoder_alone(texts: list[str], threads: int | None, batch: int = 32) -> dict:
+def encoder_alone(texts: list[str], threads: int | None, precision: str = "fp32", batch: int = 32) -> dict:
     """The floor this backbone allows: the frozen encoder alone (no adapters), mean-pooled, on the same texts,
-    as sentence-transformers serves it (length-sorted batches of 32); and one text at a time, for c=1."""
+    as sentence-transformers serves it (length-sorted batches of 32); and one text at a time, for c=1. At the
+    server's precision: in bf16 its weights are stored in bf16 (the fastest it runs in bf16)."""
     import torch
 
     from bench.baselines import SentenceEncoder
@@ -306,6 +308,8 @@ def encoder_alone(texts: list[str], threads: int | None, batch: int = 32) -> dic
     if threads:
         torch.set_num_threads(int(threads))
     encoder = SentenceEncoder(batch_size=batch, remember=False)  # every call encodes: no embedding is reused
+    if precision == "bf16":
+        encoder.model.to(torch.bfloat16)
     run = encoder
 
     run(texts[:batch])  # warm-up
@@ -325,6 +329,7 @@ def encoder_alone(texts: list[str], threads: int | None, batch: int = 32) -> dic
         "texts_per_s": round(len(texts) / seconds, 1),
         "texts_per_s_arrival_batches_16": round(len(texts) / arrival, 1),
         "p50_ms_one_text": round(percentile(singles, 50), 2),
+        "precision": precision,
     }
 
 
@@ -395,7 +400,10 @@ def load_engine(args: argparse.Namespace):
     from service.loader import load_model
     from service.settings import Settings
 
-    return load_model(Settings(checkpoint=args.checkpoint or "", torch_threads=args.threads, redis_url="")).engine
+    settings = Settings(
+        checkpoint=args.checkpoint or "", torch_threads=args.threads, redis_url="", precision=args.precision
+    )
+    return load_model(settings).engine
 
 
 def adapter_times(args: argparse.Namespace, engine, repeats: int) -> dict:
@@ -490,6 +498,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="server PHA_MAX_WAIT_MS")
     p.add_argument("--threads", type=int, help="server torch threads (default: torch's)")
     p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "auto"),
+        default="fp32",
+        help="server PHA_PRECISION; the encoder alone is measured at the precision the server resolved",
+    )
+    p.add_argument(
         "--single-task",
         default="mnli",
         help="task of the single-task traffic (default mnli: inputs of about the mixed traffic's length)",
@@ -525,9 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ready = uvicorn.wait_ready()
         info.update(torch=ready["runtime"].get("torch"), torch_threads=ready["runtime"].get("torch_threads"))
+        precision = ready["runtime"].get("precision", "fp32")
         print(
             f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} "
-            f"threads; model {ready['model']} ({ready['model_source']}), {ready['tasks']} tasks, redis "
+            f"threads, {precision}; model {ready['model']} ({ready['model_source']}), {ready['tasks']} tasks, redis "
             f"{ready['redis']}; {args.duration:.0f} s per cell",
             flush=True,
         )
@@ -537,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.stop()
     engine = load_engine(args)
     count_tokens(rows, engine)
-    encoder = encoder_alone(mixed_texts(by_task), info.get("torch_threads"))
+    encoder = encoder_alone(mixed_texts(by_task), info.get("torch_threads"), precision)
     summary = compare(rows) + against_encoder(rows, encoder)
     print(f"inputs: {kind}; encoder alone: {encoder}")
     print(format_table(rows) + "\n" + "\n".join(summary), flush=True)
@@ -552,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             "redis": ready["redis"],
             "max_batch_size": args.max_batch_size,
             "max_wait_ms": args.max_wait_ms,
+            "precision": precision,
         },
         "settings": {"duration_s": args.duration, "rounds": args.rounds, "quick": args.quick, "inputs": kind},
         "encoder_alone": encoder,

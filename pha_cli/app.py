@@ -109,6 +109,10 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    precision: Annotated[
+        Literal["fp32", "bf16", "auto"],
+        typer.Option(help="as the server's PHA_PRECISION: bf16 runs the backbone in bf16 (auto: where native)"),
+    ] = "fp32",
     output: Annotated[str | None, typer.Option(help="write the full report as JSON here")] = None,
 ) -> None:
     """Per-task metrics (task given / retrieved) and routing accuracy on held-out rows."""

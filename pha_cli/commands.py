@@ -126,6 +126,7 @@ def evaluate(values: dict[str, Any]) -> None:
     from pha_core.evaluate import evaluate, format_table
     from pha_core.files import write_atomic
     from pha_core.label_prior import LabelPrior
+    from pha_core.precision import autocast, serve_in
     from pha_core.runtime import resolve_device
 
     if values["threads"]:
@@ -142,13 +143,16 @@ def evaluate(values: dict[str, Any]) -> None:
         print(f"no label prior in {values['checkpoint']}: probabilities as the decoder gives them (`pha calibrate`)")
     if prior is not None and values["split"] == "validation":
         print("note: the label prior was fitted on these validation rows; --no-label-prior for figures without it")
-    report = evaluate(model, rows, batch_size=values["batch_size"], decoding=values["decoding"], prior=prior)
+    precision = serve_in(model, values["precision"])
+    with autocast(precision, model.device):
+        report = evaluate(model, rows, batch_size=values["batch_size"], decoding=values["decoding"], prior=prior)
     report.update(
         checkpoint=Path(values["checkpoint"]).name,
         split=values["split"],
         max_eval=values["max_eval"],
         split_seed=split_seed,
         decoding=values["decoding"],
+        precision=precision,
     )
     print(format_table(report))
     if values["output"]:

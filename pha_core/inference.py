@@ -4,7 +4,9 @@ The service never touches tensors. It asks an `Engine` to
   1. `encode` texts (tokenize, encoder with its shared adapters, retriever z as float32 numpy),
   2. route z to a task (routing.PrototypeIndex) and fetch each task's `AdapterSet` (cached as bytes),
   3. `generate` with one adapter set per example: a mixed-task batch is one forward pass.
-Adapter sets serialise to safetensors bytes (never pickle), so a cache can hold them safely.
+Adapter sets serialise to safetensors bytes (never pickle), so a cache can hold them safely. An engine runs at
+one precision (precision.py: float32, or the backbone in bf16 as the model was trained); its adapter sets and
+model version are the same at either.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors.torch import save as st_save
 from .adapters import AdapterWeights
 from .content import content_layer, content_vectors
 from .model import PHAModel
+from .precision import autocast, serve_in
 from .scoring import AnswerSpace, Scored, candidate_ids, rank
 
 # Answer spaces whose token ids are kept (a few label words each); beyond it the cache starts again.
@@ -90,11 +93,12 @@ def prototype_adapters(model: PHAModel, prototype: np.ndarray | torch.Tensor) ->
 class Engine:
     """Thread-safe inference over one `PHAModel` (eval mode, no grad)."""
 
-    def __init__(self, model: PHAModel, model_version: str | None = None) -> None:
+    def __init__(self, model: PHAModel, model_version: str | None = None, precision: str = "fp32") -> None:
         self.model = model.eval()
         self.config = model.config
         self.backbone = model.backbone
-        self.model_version = model_version or fingerprint(model)
+        self.model_version = model_version or fingerprint(model)  # of the weights as stored, at any precision
+        self.precision = serve_in(model, precision)
         # Torch modules are safe to call from several threads in eval mode, but the tokenizer is not always:
         # guard the one shared Rust tokenizer.
         self._tokenizer_lock = threading.Lock()
@@ -145,10 +149,18 @@ class Engine:
         return self.backbone.decode_text(ids) == text.strip()
 
     # ------------------------------------------------------------------------------ the pipeline
+    def _precision(self):
+        """Every pass of the model under the engine's precision (autocast in bf16; nothing in float32)."""
+        return autocast(self.precision, self.model.device)
+
     @torch.inference_mode()
     def encode(self, texts: list[str], adapters_on: bool = True) -> Encoded:
         with self._tokenizer_lock:
             source = self.model.source(texts)
+        with self._precision():
+            return self._encode(source, adapters_on)
+
+    def _encode(self, source, adapters_on: bool) -> Encoded:
         if not adapters_on:
             with self.model.adapter_switch.off():
                 hidden, mask = self.model.encode(source)
@@ -183,9 +195,10 @@ class Engine:
     @torch.inference_mode()
     def generate(self, encoded: Encoded, adapter_sets: list[AdapterSet], max_new_tokens: int) -> list[str]:
         """Greedy outputs, one adapter set per example."""
-        ids = self.model.greedy_decode(
-            encoded.hidden, encoded.mask, self._gather(encoded, adapter_sets), max_new_tokens
-        )
+        with self._precision():
+            ids = self.model.greedy_decode(
+                encoded.hidden, encoded.mask, self._gather(encoded, adapter_sets), max_new_tokens
+            )
         return [self.backbone.decode_text(row) for row in ids]
 
     @torch.inference_mode()
@@ -215,10 +228,10 @@ class Engine:
             index = torch.tensor(rows, device=self.model.device)
             hidden, mask = encoded.hidden.index_select(0, index), encoded.mask.index_select(0, index)
             part = [w.index_select(index) for w in layers]
-            for i, scored in zip(
-                rows, scorer(hidden, mask, part, [spaces[i] for i in rows], max_new_tokens), strict=True
-            ):
-                results[i] = scored
+            with self._precision():
+                scored = scorer(hidden, mask, part, [spaces[i] for i in rows], max_new_tokens)
+            for i, one in zip(rows, scored, strict=True):
+                results[i] = one
         return results
 
     def _rank(self, hidden, mask, layers, spaces, _max_new_tokens) -> list[Scored]:
@@ -231,7 +244,7 @@ class Engine:
     @torch.inference_mode()
     def generate_plain(self, encoded: Encoded, max_new_tokens: int) -> list[str]:
         """The backbone without any adapter: the baseline the service benchmark compares against."""
-        with self.model.adapter_switch.off():
+        with self.model.adapter_switch.off(), self._precision():
             ids = self.model.greedy_decode(encoded.hidden, encoded.mask, None, max_new_tokens)
         return [self.backbone.decode_text(row) for row in ids]
 

@@ -39,9 +39,9 @@ from .collate import length_buckets
 from .config import BackboneConfig
 from .files import write_atomic
 from .losses import token_cross_entropy
+from .precision import autocast, resolve_precision
 from .recipes import PretrainConfig
 from .runtime import resolve_device
-from .train import autocast, resolve_precision
 
 DECODER_FILE = "decoder.safetensors"
 PRETRAIN_META = "pretrain.json"

@@ -29,36 +29,9 @@ from .config import PHAConfig
 from .data import ProportionalMixer, load_splits
 from .files import write_atomic
 from .model import PHAModel
+from .precision import autocast, resolve_precision
 from .recipes import TrainConfig
 from .tasks import Example, get_task
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """ "auto" -> "bf16" where bf16 matmuls are native on `device` (CUDA with bf16, CPUs with AMX or
-    AVX512-BF16), else "fp32"."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-@contextlib.contextmanager
-def autocast(precision: str, device: torch.device) -> Iterator[None]:
-    """The autocast context of a resolved precision (a no-op for fp32).
-
-    On the CPU, SDPA attention takes the math kernel: the fused flash kernel's backward was 8x slower than
-    fp32 there (49 ms vs 6 ms a call, 2 cores with AMX, torch 2.13). The MiniLM backbone avoids SDPA on the CPU
-    altogether (backbones.ATTENTION_BY_DEVICE); this covers backbones that still call it.
-    """
-    if precision != "bf16":
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    kernel = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
-    with torch.autocast(device.type, dtype=torch.bfloat16), kernel:
-        yield
 
 
 class FrozenInLowPrecision:

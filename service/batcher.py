@@ -71,6 +71,10 @@ class ModelRunner:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the model thread and wait for it, outside any event loop (loading before serving)."""
+        return self._executor.submit(fn, *args).result()
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 

@@ -48,11 +48,11 @@ def load_model(settings: Settings) -> LoadedModel:
     threads = runtime.set_threads(settings.torch_threads)
     device = runtime.resolve_device(settings.device)
     if settings.checkpoint:
-        loaded = _from_checkpoint(Path(settings.checkpoint), str(Path(settings.checkpoint)), device)
+        loaded = _from_checkpoint(Path(settings.checkpoint), str(Path(settings.checkpoint)), device, settings.precision)
     elif (demo_checkpoint() / CONFIG_FILE).is_file():
-        loaded = _from_checkpoint(demo_checkpoint(), "demo", device)
+        loaded = _from_checkpoint(demo_checkpoint(), "demo", device, settings.precision)
     else:
-        loaded = _untrained(device)
+        loaded = _untrained(device, settings.precision)
     check_servable(loaded.engine)
     log.info(
         "model loaded",
@@ -60,6 +60,7 @@ def load_model(settings: Settings) -> LoadedModel:
             "source": loaded.source,
             "model_version": loaded.engine.model_version,
             "device": device,
+            "precision": loaded.engine.precision,
             "torch_threads": threads,
             "tasks": loaded.engine.tasks,
             "variant": loaded.engine.config.variant,
@@ -68,7 +69,7 @@ def load_model(settings: Settings) -> LoadedModel:
     return loaded
 
 
-def _from_checkpoint(path: Path, source: str, device: str) -> LoadedModel:
+def _from_checkpoint(path: Path, source: str, device: str, precision: str) -> LoadedModel:
     model = load_checkpoint(path, device=device)
     recipe = read_meta(path).get("recipe", {})
     n_train = recipe.get("n_train")
@@ -92,10 +93,10 @@ def _from_checkpoint(path: Path, source: str, device: str) -> LoadedModel:
             f"with up-sampled or balanced labels shifts them); fit one with `pha calibrate {path}`"
         )
     examples = n_train if isinstance(n_train, int) else None
-    return LoadedModel(Engine(model), source, created, examples, calibration, content, prior)
+    return LoadedModel(Engine(model, precision=precision), source, created, examples, calibration, content, prior)
 
 
-def _untrained(device: str) -> LoadedModel:
+def _untrained(device: str, precision: str) -> LoadedModel:
     from pha_core.config import PHAConfig
     from pha_core.model import PHAModel
     from pha_core.tasks import GLUE_TASKS
@@ -107,7 +108,7 @@ def _untrained(device: str) -> LoadedModel:
     )
     runtime.seed(UNTRAINED_SEED)
     model = PHAModel(PHAConfig(tasks=list(GLUE_TASKS))).to(device).eval()
-    return LoadedModel(Engine(model), UNTRAINED, datetime.now(timezone.utc), None)
+    return LoadedModel(Engine(model, precision=precision), UNTRAINED, datetime.now(timezone.utc), None)
 
 
 def check_servable(engine: Engine) -> None:

@@ -69,8 +69,9 @@ class AppState:
         return self.loaded.engine
 
 
-def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> AppState:
-    """Wire the parts (must run inside the event loop: the batcher and cache bind to it)."""
+def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics, runner: ModelRunner) -> AppState:
+    """Wire the parts (must run inside the event loop: the batcher and cache bind to it); `runner` is the model
+    thread, the one that loaded the model."""
     engine = loaded.engine
     index = PrototypeIndex(
         engine.config.proto_dim, nprobe=settings.faiss_nprobe, ivf_threads=settings.faiss_ivf_threads
@@ -108,7 +109,6 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> Ap
     # Read when scraped, not set on every change: a replica catching up applies a million changes.
     metrics.tasks.set_function(lambda: len(catalog))
     metrics.catalog_version.set_function(lambda: catalog.version)
-    runner = ModelRunner()
     policy = RoutePolicy(
         settings.min_route_score,
         settings.low_score_action,
@@ -202,7 +202,7 @@ async def warm_up(state: AppState) -> None:
 async def describe_runtime(state: AppState) -> None:
     """Torch's settings as seen from the model thread (OpenMP thread counts are per thread)."""
     info = await state.runner(runtime.describe)
-    state.runtime = {**info, "device": str(state.engine.model.device)}
+    state.runtime = {**info, "device": str(state.engine.model.device), "precision": state.engine.precision}
 
 
 async def close_state(state: AppState) -> None:

@@ -125,3 +125,12 @@ def test_warm_up_generates_the_trained_tasks_adapters_only(tiny_checkpoint, tmp_
         assert regenerated(client) == 3, "the three trained tasks' adapters, none of the 40 adapted ones"
         assert client.post("/predict", json={"inputs": "sentence: fine", "task": "task-7"}).status_code == 200
         assert regenerated(client) == 4, "an adapted task's adapters are made on its first request"
+
+
+def test_a_bf16_server_says_so_and_keeps_the_model_version(client, tiny_checkpoint):
+    with running_app(tiny_checkpoint, precision="bf16") as half:
+        body = half.get("/readyz").json()
+        assert body["runtime"]["precision"] == "bf16" and client.get("/readyz").json()["runtime"]["precision"] == "fp32"
+        assert body["model"] == client.get("/readyz").json()["model"]  # one adapter cache serves both
+        p = half.post("/predict", json={"inputs": "sentence: fine", "task": "sst2"}).json()["predictions"][0]
+        assert p["output"] in p["probabilities"] and sum(p["probabilities"].values()) == pytest.approx(1.0)
