@@ -218,11 +218,17 @@ def _add_log_probs(bb, states: torch.Tensor, width: int, rows: list[int], plans:
     logits = bb.lm_head(states[torch.tensor(at, device=device)], torch.tensor(list(column), device=device)).float()
     logits = logits.masked_fill(~allowed.to(device), float("-inf"))
     log_probs = (logits - logits.logsumexp(dim=-1, keepdim=True)).cpu()
+    # every scored token of every candidate of these rows at once: (head, word) -> its candidate's total
+    heads, cols, owner, owners = [], [], [], []
     for row, base in zip(rows, head_of, strict=True):
         for c, steps in enumerate(plans[row].steps):
-            if steps:
-                heads = torch.tensor([base + h for h, _ in steps])
-                scores[row][c] = log_probs[heads, torch.tensor([column[t] for _, t in steps])].sum()
+            heads += [base + h for h, _ in steps]
+            cols += [column[t] for _, t in steps]
+            owner += [len(owners)] * len(steps)
+            owners.append((row, c))
+    totals = torch.zeros(len(owners)).index_add_(0, torch.tensor(owner), log_probs[heads, cols])
+    for (row, c), total in zip(owners, totals.tolist(), strict=True):
+        scores[row][c] = total
 
 
 def _sequence_states(model, encoder_hidden, attention_mask, adapters, rows, seqs, width) -> torch.Tensor:
