@@ -54,8 +54,7 @@ def serve_in(model, precision: str) -> str:
     """Prepare a loaded model for inference at `precision` ("auto" resolved for its device); returns the
     resolved name. bf16: the backbone's floating-point weights become bf16, for good (a serving process never
     trains; run its passes under `autocast`). At batch 1 a pass streams every weight from memory once, so half
-    the bytes is most of the gain: one 40-token input through the MiniLM encoder 12 -> 7 ms on 2 cores with
-    AVX512-BF16 (docs/serving.md)."""
+    the bytes is most of the gain (docs/serving.md, "Benchmark", session 17)."""
     resolved = resolve_precision(precision, model.device)
     if resolved == "bf16":
         model.backbone.to(torch.bfloat16)
