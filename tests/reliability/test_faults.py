@@ -11,6 +11,8 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -273,8 +275,10 @@ def test_corrupt_records_and_an_unreadable_store_are_refused_and_the_rest_served
         served = client.get("/prototypes/good").json()["prototype_version"]
         errors_seen: dict[str, str] = {}
 
-        def refused(case: str, *must_say: str) -> None:
+        def refused(case: str, write: Callable[[], None], *must_say: str) -> None:
+            # counted before the bad row exists: the follower (polling every 0.1 s) may refuse it at once
             before = metric(client, "pha_registry_errors_total")
+            write()
 
             def noticed() -> bool:
                 error = client.get("/readyz").json()["registry_error"] or ""
@@ -292,16 +296,16 @@ def test_corrupt_records_and_an_unreadable_store_are_refused_and_the_rest_served
         # A new version of "good" whose tensors were flipped on disk: refused, v1 still served; a task registered
         # after it is served all the same.
         v2 = RegisteredTask(name="good", mode="prototype", job_id="job-v2", model_version=model)
-        _raw_row(registry, "good", 2, v2.to_json(), b"flipped", "0" * 32)
-        refused("corrupt record", "'good'", "corrupt")
+        write = partial(_raw_row, registry, "good", 2, v2.to_json(), b"flipped", "0" * 32)
+        refused("corrupt record", write, "'good'", "corrupt")
         register_task(registry, "after", model, seed=3)
         wait_for(lambda: client.get("/prototypes/after").status_code == 200, 10, "the rest served")
         assert "'good'" in client.get("/readyz").json()["registry_error"]
 
         # A record whose digest is right but whose tensors are not safetensors: refused as not servable.
         bad = RegisteredTask(name="third", mode="prototype", job_id="job-3", model_version=model).to_json()
-        _raw_row(registry, "third", 4, bad, b"\x00" * 16, digest(bad, b"\x00" * 16))
-        refused("tensors that are not safetensors", "'third'", "not servable")
+        write = partial(_raw_row, registry, "third", 4, bad, b"\x00" * 16, digest(bad, b"\x00" * 16))
+        refused("tensors that are not safetensors", write, "'third'", "not servable")
         assert client.get("/prototypes/third").status_code == 404
 
         # Sound tensors, but two label offsets for three labels: refused as not servable, never answered with.
@@ -317,8 +321,8 @@ def test_corrupt_records_and_an_unreadable_store_are_refused_and_the_rest_served
             labels=["a", "b", "c"],
             label_offsets=[0.5, -0.5],
         ).to_json()
-        _raw_row(registry, "fourth", 5, odd, tensors, digest(odd, tensors))
-        refused("label offsets that do not fit the labels", "'fourth'", "2 label offsets for 3 labels")
+        write = partial(_raw_row, registry, "fourth", 5, odd, tensors, digest(odd, tensors))
+        refused("label offsets that do not fit the labels", write, "'fourth'", "2 label offsets for 3 labels")
         assert client.get("/prototypes/fourth").status_code == 404
 
         # A temperature that is not a number > 0 (a hand-edited or corrupt record): refused the same way.
@@ -330,8 +334,8 @@ def test_corrupt_records_and_an_unreadable_store_are_refused_and_the_rest_served
             )
             cold.label_temperature = value  # type: ignore[assignment]
             body = cold.to_json()
-            _raw_row(registry, name, seq, body, tensors, digest(body, tensors))
-            refused(f"label temperature {value}", f"'{name}'", says)
+            write = partial(_raw_row, registry, name, seq, body, tensors, digest(body, tensors))
+            refused(f"label temperature {value}", write, f"'{name}'", says)
             assert client.get(f"/prototypes/{name}").status_code == 404
 
         # The file's header zeroed: a replica starting on it starts (trained tasks), says why, and serves.
