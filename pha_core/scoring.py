@@ -183,8 +183,11 @@ def label_log_likelihoods(
     output layer once per branching prefix, onto the words that may follow it (module docstring): the
     distribution of the next token depends on nothing else. Rows sharing one candidate list share its plan.
     """
-    by_list: dict[int, _Plan] = {}
-    plans = [by_list.get(id(c)) or by_list.setdefault(id(c), _Plan.of(c)) for c in candidates]
+    by_list: dict[int, _Plan] = {}  # rows of one task share their candidate list (and its plan)
+    for c in candidates:
+        if id(c) not in by_list:
+            by_list[id(c)] = _Plan.of(c)
+    plans = [by_list[id(c)] for c in candidates]
     scores = [torch.zeros(len(c), dtype=torch.float32) for c in candidates]
     spans = _memory_spans(attention_mask)
     for rows in _row_chunks([len(plan.sequences) for plan in plans], spans):

@@ -54,7 +54,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The model is loaded on the thread that will run it: torch passes on another thread than the one that
         # loaded the weights were 1.4x slower here (one 40-token text through the encoder: 16-18 ms on the loading
-        # thread, 23-30 ms on another; 2-core AMD EPYC, torch 2.13, docs/serving.md "Precision").
+        # thread, 23-30 ms on another; 2-core AMD EPYC, torch 2.13, docs/serving.md "Benchmark", session 17).
         model_thread = runner or ModelRunner()
         model = loaded or await model_thread(load_model, settings)
         state = build_state(settings, model, metrics, model_thread)

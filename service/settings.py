@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "bf16", "auto"] = Field(
         "fp32",
         description="matmul precision of the model: bf16 stores the backbone in bf16 and runs under bf16 autocast, "
-        "as training does (about 2x the throughput on CPUs with AVX512-BF16 or AMX; the demo's test average 0.693 "
+        "as training does (1.2-1.6x the requests per second on 2 cores with AVX512-BF16; the demo's test average 0.693 "
         "instead of 0.697, docs/serving.md); auto: bf16 where the device does it natively",
     )
     redis_url: str = Field(
