@@ -175,22 +175,22 @@ class Engine:
         return prototype_adapters(self.model, prototype)
 
     def _gather(self, encoded: Encoded, adapter_sets: list[AdapterSet]) -> list[AdapterWeights]:
-        """Per-example adapter weights of a batch (the same set object may repeat: it is gathered once)."""
+        """Per-example adapter weights of a batch (the same set object may repeat: it is gathered once). Rows
+        that each have a set of their own, in order, need no index; one row (one request at a time) takes its
+        set's tensors as they are: no copy."""
         if len(adapter_sets) != len(encoded):
             raise ValueError(f"{len(encoded)} inputs but {len(adapter_sets)} adapter sets")
         unique: dict[int, int] = {}
         order = [unique.setdefault(id(s), len(unique)) for s in adapter_sets]
         distinct = list({id(s): s for s in adapter_sets}.values())
-        rows = torch.tensor(order, device=self.model.device)
-        return [
-            AdapterWeights(
-                *(
-                    torch.cat(parts).to(self.model.device)
-                    for parts in zip(*(s.layers[m].tensors() for s in distinct), strict=True)
-                )
-            ).index_select(rows)
-            for m in range(self.model.n_decoder_layers)
-        ]
+        device = self.model.device
+        rows = None if order == list(range(len(distinct))) else torch.tensor(order, device=device)
+        layers = []
+        for m in range(self.model.n_decoder_layers):
+            columns = zip(*(s.layers[m].tensors() for s in distinct), strict=True)
+            stacked = AdapterWeights(*((p[0] if len(p) == 1 else torch.cat(p)).to(device) for p in columns))
+            layers.append(stacked if rows is None else stacked.index_select(rows))
+        return layers
 
     @torch.inference_mode()
     def generate(self, encoded: Encoded, adapter_sets: list[AdapterSet], max_new_tokens: int) -> list[str]:
@@ -225,9 +225,11 @@ class Engine:
         for rows, scorer in ((ranked, self._rank), (free, self._generate_scored)):
             if not rows:
                 continue
-            index = torch.tensor(rows, device=self.model.device)
-            hidden, mask = encoded.hidden.index_select(0, index), encoded.mask.index_select(0, index)
-            part = [w.index_select(index) for w in layers]
+            hidden, mask, part = encoded.hidden, encoded.mask, layers
+            if len(rows) < len(encoded):  # both kinds in one batch (rare): each its own rows
+                index = torch.tensor(rows, device=self.model.device)
+                hidden, mask = hidden.index_select(0, index), mask.index_select(0, index)
+                part = [w.index_select(index) for w in layers]
             with self._precision():
                 scored = scorer(hidden, mask, part, [spaces[i] for i in rows], max_new_tokens)
             for i, one in zip(rows, scored, strict=True):

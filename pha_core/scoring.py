@@ -245,29 +245,41 @@ def _sequence_states(model, encoder_hidden, attention_mask, adapters, rows, seqs
     (SHARED_CACHE_MIN_TOKENS), one pass over the sequences instead.
     """
     bb, device = model.backbone, encoder_hidden.device
-    row_index = torch.tensor(rows, device=device)
     local = {row: i for i, row in enumerate(rows)}
-    seq_local = torch.tensor([local[row] for row, _ in seqs], device=device)
-    hidden, mask = encoder_hidden.index_select(0, row_index), attention_mask.index_select(0, row_index)
+    seq_local = _index([local[row] for row, _ in seqs], device)
+    row_index = _index(rows, device, encoder_hidden.size(0))
+    hidden, mask = _take(encoder_hidden, row_index), _take(attention_mask, row_index)
     row_adapters = _select(adapters, row_index)
     if (len(seqs) - len(rows)) * int(mask.sum(1).max()) < SHARED_CACHE_MIN_TOKENS:
         return _one_pass_states(model, hidden, mask, row_adapters, seq_local, seqs, width)
     start = torch.full((len(rows), 1), bb.decoder_start_token_id, dtype=torch.long, device=device)
     with model.decoder_context.use(row_adapters):
         first, cache = bb.decode_states(start, hidden, mask, use_cache=True)
-    first = first.index_select(0, seq_local)
+    first = _take(first, seq_local)
     rest_in = _decoder_inputs(bb, seqs, width)[:, 1:]  # the start token is in the cache
-    select_cache_rows(cache, seq_local)
+    if seq_local is not None:
+        select_cache_rows(cache, seq_local)
     with model.decoder_context.use(_select(row_adapters, seq_local)):
-        rest, _ = bb.decode_states(
-            rest_in.to(device), hidden.index_select(0, seq_local), mask.index_select(0, seq_local), cache, True
-        )
+        rest, _ = bb.decode_states(rest_in.to(device), _take(hidden, seq_local), _take(mask, seq_local), cache, True)
     return torch.cat([first, rest], dim=1)
 
 
-def _select(adapters: list[AdapterWeights] | None, index: torch.Tensor) -> list[AdapterWeights] | None:
-    """Adapter weights of the rows `index` names (repeats allowed)."""
-    return None if adapters is None else [w.index_select(index) for w in adapters]
+def _index(rows: list[int], device: torch.device, n: int | None = None) -> torch.Tensor | None:
+    """`rows` as an index tensor, or None where taking them would change nothing: 0, 1, ..., n - 1 in order
+    (`n`: the rows there are; default len(rows)). A serving batch of one row, or of one label sequence a row, then
+    copies no encoder states and no adapter weights (at 16 rows those are megabytes a pass)."""
+    if rows == list(range(len(rows) if n is None else n)):
+        return None
+    return torch.tensor(rows, device=device)
+
+
+def _take(tensor: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return tensor if index is None else tensor.index_select(0, index)
+
+
+def _select(adapters: list[AdapterWeights] | None, index: torch.Tensor | None) -> list[AdapterWeights] | None:
+    """Adapter weights of the rows `index` names (repeats allowed; None: all, as they are)."""
+    return adapters if adapters is None or index is None else [w.index_select(index) for w in adapters]
 
 
 def _one_pass_states(model, hidden, mask, adapters, seq_local, seqs, width) -> torch.Tensor:
@@ -276,7 +288,7 @@ def _one_pass_states(model, hidden, mask, adapters, seq_local, seqs, width) -> t
     dec_in = _decoder_inputs(model.backbone, seqs, width)
     with model.decoder_context.use(_select(adapters, seq_local)):
         states, _ = model.backbone.decode_states(
-            dec_in.to(hidden.device), hidden.index_select(0, seq_local), mask.index_select(0, seq_local)
+            dec_in.to(hidden.device), _take(hidden, seq_local), _take(mask, seq_local)
         )
     return states
 
