@@ -1,4 +1,8 @@
-"""Typed FastAPI dependencies: the app's state and a concurrency slot for /predict."""
+"""Typed FastAPI dependencies: the app's state and a concurrency slot for /predict.
+
+Every one is `async def` although none awaits: FastAPI runs a plain `def` dependency in its thread pool, a
+thread hop per request for a getattr (docs/serving.md, "Benchmark").
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from .state import AppState
 from .telemetry import Metrics
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState | None = getattr(request.app.state, "pha", None)
     if state is None or not state.ready:
         raise ServiceError(
@@ -22,7 +26,7 @@ def get_state(request: Request) -> AppState:
     return state
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
@@ -35,7 +39,7 @@ async def predict_slot(state: Annotated[AppState, Depends(get_state)]) -> AsyncI
         state.limiter.release()
 
 
-def require_api_key(
+async def require_api_key(
     state: Annotated[AppState, Depends(get_state)],
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> None:
@@ -60,7 +64,7 @@ def require_api_key(
         )
 
 
-def single_query_values(request: Request) -> None:
+async def single_query_values(request: Request) -> None:
     """Every query parameter at most once: `?offset=1&offset=5` would otherwise quietly mean the last one."""
     keys = [key for key, _ in request.query_params.multi_items()]
     repeated = sorted({key for key in keys if keys.count(key) > 1})
