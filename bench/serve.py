@@ -345,13 +345,17 @@ def encoder_alone(texts: list[str], threads: int | None, precision: str = "fp32"
     }
 
 
-def pipeline_alone(engine, by_task: dict[str, list[str]], batch: int = 16) -> dict:
+def pipeline_alone(engine, by_task: dict[str, list[str]], batch: int = 16) -> dict | None:
     """The server's model work without the server: `Engine.encode` then `Engine.answer` with each row's own
     task's adapters and label space (pinned: no FAISS, no HTTP, no thread hops), on the mixed texts in
     arrival-order batches of `batch` (what the server forms at c=32) and one text at a time. The ceiling of
-    any server on this model and CPU: read the encoder-alone floors against it."""
+    any server on this model and CPU: read the encoder-alone floors against it. Trained tasks only (an
+    adapted task's adapters live in the server's registry): None when the traffic has none."""
     from pha_core.scoring import AnswerSpace
 
+    by_task = {t: rows for t, rows in by_task.items() if t in engine.tasks}
+    if not by_task:
+        return None
     texts = mixed_texts(by_task)
     tasks = [t for group in zip(*([name] * len(rows) for name, rows in by_task.items()), strict=False) for t in group]
     prototypes = engine.trained_prototypes()
@@ -600,11 +604,12 @@ def main(argv: list[str] | None = None) -> int:
     encoder = encoder_alone(mixed_texts(by_task), info.get("torch_threads"), precision)
     pipeline = pipeline_alone(engine, by_task)
     summary = compare(rows) + against_encoder(rows, encoder)
-    summary.append(
-        f"the model work alone (no server): {pipeline['texts_per_s_arrival_batches_16']} texts/s on arrival-order "
-        f"batches of 16 = {pipeline['texts_per_s_arrival_batches_16'] / encoder['texts_per_s']:.2f}x the encoder "
-        f"alone sorted; one text {pipeline['p50_ms_one_text']} ms (p50)"
-    )
+    if pipeline is not None:
+        summary.append(
+            f"the model work alone (no server): {pipeline['texts_per_s_arrival_batches_16']} texts/s on arrival-"
+            f"order batches of 16 = {pipeline['texts_per_s_arrival_batches_16'] / encoder['texts_per_s']:.2f}x the "
+            f"encoder alone sorted; one text {pipeline['p50_ms_one_text']} ms (p50)"
+        )
     print(f"inputs: {kind}; encoder alone: {encoder}; model work alone: {pipeline}")
     print(format_table(rows) + "\n" + "\n".join(summary), flush=True)
     routing = routing_times(proto_dim, args.prototype_counts, repeats)
