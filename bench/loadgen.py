@@ -1,11 +1,11 @@
 """A lean HTTP/1.1 keep-alive client for load generation on the server's own machine.
 
 bench/serve.py drives the server from the same 2 cores it measures, so the load generator's CPU is taken from
-the server: httpx spent 2.8 ms of CPU a request at concurrency 32 and 1.9 ms at 1 (bench/serve.py's drive, this
-VM, session 18: /proc CPU times of both processes), as much as the server's own HTTP handling and more, and
-every millisecond of it preempts one of torch's two OpenMP threads, which stalls the other at the next
-barrier. This client sends pre-serialised bodies over one asyncio stream per worker and reads the status line,
-the headers and a Content-Length or chunked body: nothing else. It speaks real HTTP to the real server.
+the server: httpx took 2-5 ms of CPU a request, this client ~0.25 ms (docs/serving.md, session 18); httpx's
+share was more than the server's own HTTP handling, and every millisecond of it preempts one of torch's two
+OpenMP threads, which stalls the other at the next barrier. This client sends pre-serialised bodies over one
+asyncio stream per worker and reads the status line, the headers and a Content-Length or chunked body: nothing
+else. It speaks real HTTP to the real server.
 """
 
 from __future__ import annotations

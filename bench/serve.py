@@ -357,7 +357,7 @@ def pipeline_alone(engine, by_task: dict[str, list[str]], batch: int = 16) -> di
     if not by_task:
         return None
     texts = mixed_texts(by_task)
-    tasks = [t for group in zip(*([name] * len(rows) for name, rows in by_task.items()), strict=False) for t in group]
+    tasks = mixed_texts({name: [name] * len(rows) for name, rows in by_task.items()})  # each text's task, same order
     prototypes = engine.trained_prototypes()
     adapters = {t: engine.adapters_for_prototype(prototypes[engine.tasks.index(t)]) for t in by_task}
     spaces = {t: AnswerSpace.of_task(t) for t in by_task}
