@@ -2,7 +2,8 @@
 
 A training batch mixes tasks whose inputs differ ~15x in length (SST-2 ~15 tokens, RTE ~70, up to 256), so
 padding a batch of 64 to its longest row spends most of the encoder on padding. `collate_buckets` cuts one
-batch into length-sorted buckets of at most `token_budget` padded tokens each; the model sums the loss over
+batch into length-sorted buckets of at most `token_budget` padded tokens each (buckets.py: the cut that pads
+least for what a bucket costs); the model sums the loss over
 the buckets of one batch, so the losses (and L_IR over the whole batch) are those of the unbucketed batch.
 Measured on the GLUE mix (bench/train_speed.py): see docs/results.md.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .backbones import Backbone
+from .buckets import length_buckets
 from .source import Source, make_source, split_fields
 from .tasks import Example
 
@@ -47,29 +49,6 @@ def label_weights(train_sets: Mapping[str, Sequence[Example]], classification: C
         for target, count in counts.items():
             weights[task, target] = len(examples) / (len(counts) * count)
     return weights
-
-
-def length_buckets(lengths: Sequence[int], token_budget: int, rows: Sequence[int] | None = None) -> list[list[int]]:
-    """Indices grouped by length, each group's encoder rows x its longest length <= token_budget (at least one).
-
-    An example is `rows[i]` encoder rows (its fields, when they are encoded apart; default 1) of at most
-    `lengths[i]` tokens. Examples are sorted by length first, so those of similar length share a bucket and
-    little is padded. `token_budget` <= 0 means one bucket holding everything, in the original order.
-    """
-    if token_budget <= 0 or not lengths:
-        return [list(range(len(lengths)))] if lengths else []
-    rows = rows or [1] * len(lengths)
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    buckets: list[list[int]] = [[]]
-    used = 0
-    for i in order:
-        # Sorted ascending, so example i is the longest of its bucket if it joins.
-        if buckets[-1] and (used + rows[i]) * lengths[i] > token_budget:
-            buckets.append([])
-            used = 0
-        buckets[-1].append(i)
-        used += rows[i]
-    return buckets
 
 
 def collate_buckets(

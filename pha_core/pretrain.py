@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import get_linear_schedule_with_warmup
 
-from .collate import length_buckets
+from .buckets import length_buckets
 from .config import BackboneConfig
 from .files import write_atomic
 from .losses import token_cross_entropy

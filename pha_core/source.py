@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import nn
 
+from .buckets import INFERENCE_CALL_COST, length_buckets
 from .retriever import masked_mean
 from .tasks import FIELD_MARKERS, template_pattern
 
@@ -162,27 +163,23 @@ class FieldTokens(nn.Module):
 def encode_by_length(encode, source: Source, token_budget: int = 2048):
     """`encode(ids, mask)` over the source's rows in length-sorted chunks, each cut to its own longest row.
 
-    The fields of one input differ in length (an RTE premise ~50 tokens, its hypothesis ~10), so padding every
-    field of a batch to the longest one cost ~19% more encoder tokens than the joint text did (the GLUE mix).
-    `encode` returns states [n, l, d], or a tuple of them (backbone.encode_with_layer); so does this, each
-    [N, L, d] in the source's row order. What stands at padded positions is masked everywhere.
+    A serving batch mixes tasks (real GLUE rows of 10 to 250 tokens), and the fields of one input differ in
+    length (an RTE premise ~50 tokens, its hypothesis ~10): one padded call spends most of the encoder on
+    padding. The chunks are the cut buckets.py finds cheapest for an inference call (at most `token_budget`
+    padded tokens each). `encode` returns states [n, l, d], or a tuple of them (backbone.encode_with_layer);
+    so does this, each [N, L, d] in the source's row order. What stands at padded positions is masked everywhere.
     """
     ids, mask = source.segment_ids, source.segment_mask
-    lengths = mask.sum(1)
+    lengths = mask.sum(1).tolist()
     if ids.size(0) <= 1:
         return encode(ids, mask)
-    order = torch.argsort(lengths).tolist()
-    chunks: list[list[int]] = [[]]
-    for row in order:
-        if chunks[-1] and (len(chunks[-1]) + 1) * int(lengths[row]) > token_budget:
-            chunks.append([])
-        chunks[-1].append(row)
+    chunks = length_buckets(lengths, token_budget, call_cost=INFERENCE_CALL_COST)
     if len(chunks) == 1:
         return encode(ids, mask)
     outputs, rows, several = [], [], False
     for chunk in chunks:
         index = torch.tensor(chunk, device=ids.device)
-        width = int(lengths[index].max())
+        width = max(lengths[i] for i in chunk)
         out = encode(ids[index, :width], mask[index, :width])
         several = isinstance(out, tuple)
         outputs.append(out if several else (out,))

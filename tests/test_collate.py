@@ -1,26 +1,12 @@
 """Length buckets: one batch cut by length gives the same loss as the batch padded whole."""
 
-import random
-
 import pytest
 import torch
 
-from pha_core.collate import collate, collate_buckets, label_weights, length_buckets
+from pha_core.collate import collate, collate_buckets, label_weights
 from pha_core.model import PHAModel
 from pha_core.tasks import Example
 from tests.support.tiny import tiny_config
-
-
-def test_buckets_cover_every_row_once_within_budget():
-    rng = random.Random(0)
-    lengths = [rng.randint(3, 200) for _ in range(100)]
-    buckets = length_buckets(lengths, 1024)
-    assert sorted(i for b in buckets for i in b) == list(range(100))
-    for b in buckets:
-        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 1024
-    assert length_buckets(lengths, 0) == [list(range(100))]
-    assert length_buckets([], 512) == []
-    assert length_buckets([900], 512) == [[0]]  # a row longer than the budget still gets its own bucket
 
 
 @pytest.mark.parametrize("encoding", ["joint", "fields"])
