@@ -37,6 +37,7 @@ import torch
 
 from .adapters import AdapterWeights
 from .backbones import select_cache_rows
+from .buckets import length_buckets
 from .tasks import get_task
 
 # STS-B targets are rounded to 0.2 (tasks._stsb_target), so these are every target it can have.
@@ -49,10 +50,11 @@ STSB_BINS: tuple[str, ...] = tuple(f"{i / 5:.1f}" for i in range(26))
 # short rows with many candidates share a pass: 16 STS-B rows (26 bins each, ~30 tokens) took 16 passes under a
 # bound of 32 pairs, and take 2 under this one.
 MAX_PAIR_TOKENS = 32 * 256
-# Source tokens whose cross-attention projections a row cache would save (candidates beyond the first, times the
-# longest source row) below which one decoder pass over the pairs beats two passes (start token per row, then
-# the pairs from its cache): a small batch's decoder pass costs what streaming its weights costs (~3 ms for
-# MiniLM's 6 layers on 2 CPU cores), ~100 tokens of cross-attention projections.
+# What one decoder pass costs beyond its cross-attention projections, in source tokens of them: a small batch's
+# pass costs what streaming its weights costs (~3 ms for MiniLM's 6 layers on 2 CPU cores), ~100 tokens of
+# cross-attention projections. Below it, one decoder pass over the pairs beats two passes (start token per row,
+# then the pairs from its cache) where the row cache would save fewer tokens (candidates beyond the first,
+# times the longest source row); and it is what cutting a batch into one more pass costs (_row_chunks).
 SHARED_CACHE_MIN_TOKENS = 96
 # What a label temperature may be. Outside it the probabilities are one-hot or uniform to three decimals (label
 # log-likelihoods span a few tens of nats), and a tiny T would overflow them to inf/NaN.
@@ -242,7 +244,7 @@ def _sequence_states(model, encoder_hidden, attention_mask, adapters, rows, seqs
     copied to the row's sequences, which decode the rest of their tokens from it. The cross-attention
     projections of the encoder states -- most of a scoring pass's matmuls -- are made once per row, not once per
     sequence. Exact: the same attention over the same keys. Where that saves less than a second pass costs
-    (SHARED_CACHE_MIN_TOKENS), one pass over the sequences instead.
+    (SHARED_CACHE_MIN_TOKENS), or there is nothing after the start token (width 1), one pass instead.
     """
     bb, device = model.backbone, encoder_hidden.device
     local = {row: i for i, row in enumerate(rows)}
@@ -250,7 +252,7 @@ def _sequence_states(model, encoder_hidden, attention_mask, adapters, rows, seqs
     row_index = _index(rows, device, encoder_hidden.size(0))
     hidden, mask = _take(encoder_hidden, row_index), _take(attention_mask, row_index)
     row_adapters = _select(adapters, row_index)
-    if (len(seqs) - len(rows)) * int(mask.sum(1).max()) < SHARED_CACHE_MIN_TOKENS:
+    if width == 1 or (len(seqs) - len(rows)) * int(mask.sum(1).max()) < SHARED_CACHE_MIN_TOKENS:
         return _one_pass_states(model, hidden, mask, row_adapters, seq_local, seqs, width)
     start = torch.full((len(rows), 1), bb.decoder_start_token_id, dtype=torch.long, device=device)
     with model.decoder_context.use(row_adapters):
@@ -310,21 +312,17 @@ def _memory_spans(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _row_chunks(sequences: Sequence[int], spans: torch.Tensor) -> list[list[int]]:
-    """Rows in order of how much memory they read (spans [B]), grouped so that a group's decoder sequences
-    (`sequences[i]` for row i) times its widest row stay within MAX_PAIR_TOKENS; a row is never split (its
-    sequences share head rows), and a row with none (a single candidate: probability 1) joins no group. Each
-    group is cut to its own widest row: a mixed serving batch has inputs of 10 to 250 tokens, and every
-    sequence's cross-attention (and the cached keys and values copied to it) reads the whole width of its group."""
-    chunks: list[list[int]] = [[]]
-    count = 0
-    for row in sorted((r for r in range(len(sequences)) if sequences[r]), key=lambda r: int(spans[r])):
-        # sorted by span: this row is the widest of the group it joins
-        if chunks[-1] and (count + sequences[row]) * int(spans[row]) > MAX_PAIR_TOKENS:
-            chunks.append([])
-            count = 0
-        chunks[-1].append(row)
-        count += sequences[row]
-    return [c for c in chunks if c]
+    """Rows grouped by how much memory they read (spans [B]) into decoder passes, each cut to its own widest
+    row: a mixed serving batch has inputs of 10 to 250 tokens, and every sequence's cross-attention (and the
+    cached keys and values copied to it) reads the whole width of its pass. The groups are the cheapest cut
+    (buckets.py) of sequences x width, with a pass's own cost of SHARED_CACHE_MIN_TOKENS and at most
+    MAX_PAIR_TOKENS a pass; a row is never split (its sequences share head rows), and a row with none (a single
+    candidate: probability 1) joins no group."""
+    rows = [r for r in range(len(sequences)) if sequences[r]]
+    widths = [int(spans[r]) for r in rows]
+    counts = [sequences[r] for r in rows]
+    groups = length_buckets(widths, MAX_PAIR_TOKENS, counts, call_cost=SHARED_CACHE_MIN_TOKENS)
+    return [[rows[i] for i in group] for group in groups]
 
 
 def rank(
