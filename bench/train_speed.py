@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import machine  # noqa: E402
+from pha_core.buckets import length_buckets  # noqa: E402
 from pha_core.config import BackboneConfig, PHAConfig  # noqa: E402
 from pha_core.tasks import GLUE_TASKS  # noqa: E402
 from pha_core.train import TrainConfig, Trainer  # noqa: E402
@@ -59,14 +60,17 @@ def main() -> None:
         trainer = Trainer(cfg, model_cfg, progress=False)
         for _ in range(args.warmup):
             trainer.train_step(next(trainer.mixer))
+        timed = [next(trainer.mixer) for _ in range(args.steps)]
         started = time.perf_counter()
-        for _ in range(args.steps):
-            trainer.train_step(next(trainer.mixer))
+        for batch in timed:
+            trainer.train_step(batch)
         seconds = time.perf_counter() - started
+        padding = source_padding(trainer, timed, cfg.token_budget, model_cfg)
     result = {
         "examples_per_s": args.steps * args.batch_size / seconds,
         "seconds_per_step": seconds / args.steps,
         "steps": args.steps,
+        "source_tokens": padding,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "resolved": {
             "precision": trainer.precision,
@@ -79,6 +83,28 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def source_padding(trainer: Trainer, batches: list, token_budget: int, model_cfg: PHAConfig) -> dict:
+    """What the timed steps' encoder calls held: real source tokens, padded tokens and buckets per step, as
+    collate_buckets cuts them (counted apart from the timing); None for fields encoded apart (rows per field)."""
+    if model_cfg.by_field:
+        return None
+    real = padded = buckets = 0
+    for batch in batches:
+        lengths = [
+            min(n, model_cfg.max_source_length) for n in trainer.model.backbone.count_tokens([e.input for e in batch])
+        ]
+        groups = length_buckets(lengths, token_budget)
+        real += sum(lengths)
+        padded += sum(len(g) * max(lengths[i] for i in g) for g in groups)
+        buckets += len(groups)
+    return {
+        "real": real,
+        "padded": padded,
+        "padded_per_real": round(padded / real, 3),
+        "buckets_per_step": buckets / len(batches),
+    }
 
 
 if __name__ == "__main__":
