@@ -73,6 +73,9 @@ class Backbone(nn.Module):
 
     d_model: int
     n_decoder_layers: int
+    # Whether `start_states` reads the memory without projecting it: its cost then hardly depends on the
+    # memory's width, and rank scoring puts every row that needs it in one pass (scoring._passes).
+    reads_memory_unprojected: bool = False
     pad_token_id: int
     decoder_start_token_id: int
     eos_token_id: int
@@ -110,6 +113,13 @@ class Backbone(nn.Module):
             **{self._cache_kw: cache},
         )
         return out.last_hidden_state, output_cache(out, self._cache_kw)
+
+    def start_states(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
+        """The decoder's states [B, 1, d] after its start token alone: what rank scoring reads for label words
+        that differ in their first word (scoring.py). `decode_states` of that one token; a backbone may compute
+        the same states more cheaply."""
+        start = torch.full((encoder_hidden.size(0), 1), self.decoder_start_token_id, device=encoder_hidden.device)
+        return self.decode_states(start, encoder_hidden, encoder_mask)[0]
 
     def decoder_stack(self) -> nn.Module:
         """The decoder's layer stack without the LM head (what `decode_states` runs)."""
@@ -181,6 +191,21 @@ def minilm_dir(name: str) -> Path:
     return path
 
 
+def _one_query_attention(attn: nn.Module, h: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """BertCrossAttention's output [B, 1, d] for one query a row (`h` [B, 1, d]) over `memory` [B, L, d], `pad`
+    [B, 1, L] true at padding, folded as MiniLMBackbone.start_states explains."""
+    heads, size = attn.num_attention_heads, attn.attention_head_size
+    d = memory.size(-1)
+    q = attn.query(h).view(-1, heads, size)  # [B, H, s]
+    w_k = attn.key.weight.view(heads, size, d)  # rows of W_k grouped by head
+    reader = torch.einsum("bhs,hsd->bhd", q, w_k) * attn.scaling  # [B, H, d]
+    scores = torch.bmm(reader, memory.transpose(1, 2)).masked_fill(pad, float("-inf"))  # [B, H, L]
+    pooled = torch.bmm(scores.softmax(dim=-1), memory)  # [B, H, d]
+    w_v = attn.value.weight.view(heads, size, d)
+    context = torch.einsum("bhd,hsd->bhs", pooled, w_v) + attn.value.bias.view(heads, size)
+    return context.reshape(-1, 1, heads * size)
+
+
 # Attention kernel per device type, measured on a 2-core AVX512-BF16 EPYC with torch 2.13: on the CPU the plain
 # matmul-softmax path ("eager") trains the GLUE mix at a median 68 examples/s against SDPA's 59 (the same six
 # batches, the two kernels interleaved 4 times; `python bench/train_speed.py --steps 40`: 58.9 vs 50.7 on a noisy
@@ -192,6 +217,8 @@ DEFAULT_ATTENTION = "sdpa"
 
 class MiniLMBackbone(Backbone):
     """BERT encoder + BERT decoder warm-started from the same checkpoint (see module docstring)."""
+
+    reads_memory_unprojected = True  # start_states folds cross-attention
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
@@ -299,6 +326,32 @@ class MiniLMBackbone(Backbone):
     def decode(self, decoder_input_ids, encoder_hidden, encoder_mask, cache=None, use_cache=False):
         states, cache = self.decode_states(decoder_input_ids, encoder_hidden, encoder_mask, cache, use_cache)
         return self.lm_head(states), cache  # what BertLMHeadModel computes: cls(bert(...))
+
+    def start_states(self, encoder_hidden, encoder_mask):
+        """`decode_states` of the start token alone, without projecting the memory for cross-attention.
+
+        One query per row reads the memory m_1..m_L (per head h, scale s): its scores are
+        s q_h . (W_k,h m_i + b_k,h) = (s W_k,h^T q_h) . m_i + a constant that softmax drops, and its output is
+        sum_i a_hi (W_v,h m_i + b_v,h) = W_v,h (sum_i a_hi m_i) + b_v,h. So each head turns its query into one
+        d-vector, scores the memory with it and pools the memory before the value projection: 2 x heads
+        multiply-adds per memory state and width instead of 2 x d for the key and value projections (1/32 of them
+        for MiniLM's 12 heads of a 384-wide state). Self-attention over the one token and the FFN (with the
+        adapter beside it) run as in `decode_states`; training mode (dropout) takes the plain pass. With every
+        such row of a batch in one pass (scoring._passes), `Engine.answer` on the serving bench's mixed batches
+        of 16 took 50 ms instead of 81-93 (docs/serving.md, session 20), the same answers.
+        """
+        if self.training:
+            return super().start_states(encoder_hidden, encoder_mask)
+        self.use_attention_for(encoder_hidden.device)
+        bert = self.decoder.bert
+        start = torch.full((encoder_hidden.size(0), 1), self.decoder_start_token_id, device=encoder_hidden.device)
+        h = bert.embeddings(input_ids=start)
+        pad = ~encoder_mask.bool()[:, None, :]  # [B, 1, L]
+        for layer in bert.encoder.layer:
+            h = layer.attention(h)[0]
+            h = layer.crossattention.output(_one_query_attention(layer.crossattention.self, h, encoder_hidden, pad), h)
+            h = layer.feed_forward_chunk(h)
+        return h
 
     def decoder_stack(self) -> nn.Module:
         return self.decoder.bert

@@ -192,7 +192,7 @@ def label_log_likelihoods(
     plans = [by_list[id(c)] for c in candidates]
     scores = [torch.zeros(len(c), dtype=torch.float32) for c in candidates]
     spans = _memory_spans(attention_mask)
-    for rows in _row_chunks([len(plan.sequences) for plan in plans], spans):
+    for rows in _passes(plans, spans, model.backbone.reads_memory_unprojected):
         seqs = [(row, seq) for row in rows for seq in plans[row].sequences]
         width = 1 + max(len(seq) for _, seq in seqs)
         # Only as much of the memory as these rows use: a batch's memory is as wide as its longest input.
@@ -244,7 +244,9 @@ def _sequence_states(model, encoder_hidden, attention_mask, adapters, rows, seqs
     copied to the row's sequences, which decode the rest of their tokens from it. The cross-attention
     projections of the encoder states -- most of a scoring pass's matmuls -- are made once per row, not once per
     sequence. Exact: the same attention over the same keys. Where that saves less than a second pass costs
-    (SHARED_CACHE_MIN_TOKENS), or there is nothing after the start token (width 1), one pass instead.
+    (SHARED_CACHE_MIN_TOKENS), one pass instead. Where there is nothing after the start token (width 1: a row's
+    label words differ in their first word, every GLUE task but STS-B), the backbone's `start_states`, which
+    need not project the memory at all.
     """
     bb, device = model.backbone, encoder_hidden.device
     local = {row: i for i, row in enumerate(rows)}
@@ -252,7 +254,10 @@ def _sequence_states(model, encoder_hidden, attention_mask, adapters, rows, seqs
     row_index = _index(rows, device, encoder_hidden.size(0))
     hidden, mask = _take(encoder_hidden, row_index), _take(attention_mask, row_index)
     row_adapters = _select(adapters, row_index)
-    if width == 1 or (len(seqs) - len(rows)) * int(mask.sum(1).max()) < SHARED_CACHE_MIN_TOKENS:
+    if width == 1:  # one empty sequence a row (none is a prefix of another): the rows' own order
+        with model.decoder_context.use(row_adapters):
+            return bb.start_states(hidden, mask)
+    if (len(seqs) - len(rows)) * int(mask.sum(1).max()) < SHARED_CACHE_MIN_TOKENS:
         return _one_pass_states(model, hidden, mask, row_adapters, seq_local, seqs, width)
     start = torch.full((len(rows), 1), bb.decoder_start_token_id, dtype=torch.long, device=device)
     with model.decoder_context.use(row_adapters):
@@ -309,6 +314,18 @@ def _memory_spans(mask: torch.Tensor) -> torch.Tensor:
     """[B] how far into the memory each row reaches: its last real position + 1 (at least 1)."""
     positions = torch.arange(1, mask.size(1) + 1, device=mask.device)
     return (mask.bool() * positions).amax(dim=1).clamp_min(1).cpu()
+
+
+def _passes(plans: Sequence[_Plan], spans: torch.Tensor, unprojected: bool) -> list[list[int]]:
+    """The rows of each decoder pass, cut by width (_row_chunks). Where the backbone's `start_states` reads the
+    memory `unprojected`, the rows that need the start token's state alone (their candidates differ in their
+    first word) share one pass whatever their widths: the memory's width then hardly costs anything, and each
+    extra pass streams the decoder's weights again."""
+    if not unprojected:
+        return _row_chunks([len(plan.sequences) for plan in plans], spans)
+    first_only = [row for row, plan in enumerate(plans) if plan.sequences == ((),)]
+    longer = [0 if plan.sequences == ((),) else len(plan.sequences) for plan in plans]
+    return ([first_only] if first_only else []) + _row_chunks(longer, spans)
 
 
 def _row_chunks(sequences: Sequence[int], spans: torch.Tensor) -> list[list[int]]:

@@ -65,7 +65,11 @@ def test_mixed_task_batch_equals_one_at_a_time(model, max_pair_tokens, monkeypat
     """Rows of different lengths and tasks in one batch, in one group or in groups sorted by length and cut
     to their own widest row (a budget of 3 pair-tokens: a group per row): each row scores as it does alone."""
     monkeypatch.setattr(scoring, "MAX_PAIR_TOKENS", max_pair_tokens)
-    examples = [*EXAMPLES, Example("sentence: no", "negative", "sst2")]
+    examples = [
+        *EXAMPLES,
+        Example("sentence: no", "negative", "sst2"),
+        Example("sentence1: a. sentence2: b.", "1.0", "stsb"),
+    ]
     spaces = [AnswerSpace.of_task(e.task) for e in examples]
     batch, hidden, mask = _encoded(model, examples)
     assert len(set(mask.sum(1).tolist())) == len(examples)  # every row its own length: the groups differ
@@ -140,6 +144,36 @@ def test_greedy_decoding_stays_available(model):
     assert len(out["given"]) == len(EXAMPLES)
     with pytest.raises(ValueError, match="decoding"):
         predict_examples(model, EXAMPLES, decoding="beam")
+
+
+@pytest.mark.parametrize("kind", ["minilm", "t5"])
+@torch.no_grad()
+def test_start_states_equal_the_decoders_first_step(kind):
+    """`start_states` (MiniLM: cross-attention folded so the memory is never projected) gives the states of a
+    teacher-forced pass over the start token: rows of different lengths (padding masked) and tasks, each with
+    its own generated adapters."""
+    torch.manual_seed(0)
+    model = PHAModel(tiny_config(kind, tasks=["sst2", "rte", "mnli", "stsb"])).eval()
+    rows = EXAMPLES + [Example("sentence: " + "a long one " * 12, "negative", "sst2")]
+    batch, hidden, mask = _encoded(model, rows)
+    assert len(set(mask.sum(1).tolist())) > 1  # the rows are padded to the longest
+    bb = model.backbone
+    start = torch.full((len(rows), 1), bb.decoder_start_token_id)
+    with model.decoder_context.use(model.decoder_adapters(batch.task_ids)):
+        expected, _ = bb.decode_states(start, hidden, mask)
+        got = bb.start_states(hidden, mask)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_rows_that_need_the_start_state_alone_share_one_pass(model):
+    """Where the backbone reads the memory unprojected, every row whose labels differ in their first word goes
+    in one pass whatever its width; STS-B's rows (bins that branch later) are cut by width; otherwise all are."""
+    plans = [scoring._Plan.of(candidate_ids(model.backbone, AnswerSpace.of_task(t))) for t in ("sst2", "stsb")]
+    rows = [plans[0], plans[1], plans[0], plans[1]]
+    spans = torch.tensor([10, 12, 240, 250])
+    assert scoring._passes(rows, spans, unprojected=True) == [[0, 2], [1], [3]]
+    assert scoring._passes(rows, spans, unprojected=False) == [[0, 1], [2, 3]]
 
 
 @pytest.mark.parametrize("kind", ["minilm", "t5"])
