@@ -45,7 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/serve.py`: the checkout's packages
 
 from bench.loadgen import Connection  # noqa: E402
-from bench.machine import cpu_model  # noqa: E402
+from bench.machine import cpu_features, cpu_model  # noqa: E402
 from pha_core.tasks import TASKS  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 from tests.support.processes import HttpServer, environ_without_pha  # noqa: E402
@@ -69,6 +69,7 @@ def machine() -> dict:
     """Where the numbers were taken (the fields every serve, load and soak result has had)."""
     return {
         "cpu": cpu_model(),
+        **cpu_features(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
