@@ -335,20 +335,21 @@ class MiniLMBackbone(Backbone):
         sum_i a_hi (W_v,h m_i + b_v,h) = W_v,h (sum_i a_hi m_i) + b_v,h. So each head turns its query into one
         d-vector, scores the memory with it and pools the memory before the value projection: 2 x heads
         multiply-adds per memory state and width instead of 2 x d for the key and value projections (1/32 of them
-        for MiniLM's 12 heads of a 384-wide state). Self-attention over the one token and the FFN (with the
-        adapter beside it) run as in `decode_states`; training mode (dropout) takes the plain pass. With every
-        such row of a batch in one pass (scoring._passes), `Engine.answer` on the serving bench's mixed batches
-        of 16 took 50 ms instead of 81-93 (docs/serving.md, session 20), the same answers.
+        for MiniLM's 12 heads of a 384-wide state). Self-attention over the one token is that token's value
+        (its query and key are not needed); the FFN, with the adapter beside it, runs as in `decode_states`;
+        training mode (dropout) takes the plain pass. With every such row of a batch in one pass
+        (scoring._passes), `Engine.answer` on the serving bench's mixed batches of 16 took 50 ms instead of
+        81-93 (docs/serving.md, session 20), the same answers.
         """
         if self.training:
             return super().start_states(encoder_hidden, encoder_mask)
-        self.use_attention_for(encoder_hidden.device)
-        bert = self.decoder.bert
-        start = torch.full((encoder_hidden.size(0), 1), self.decoder_start_token_id, device=encoder_hidden.device)
-        h = bert.embeddings(input_ids=start)
+        bert, rows = self.decoder.bert, encoder_hidden.size(0)
+        # Until the first cross-attention every row's state is the same (the start token's), so it is made once.
+        h = bert.embeddings(input_ids=torch.full((1, 1), self.decoder_start_token_id, device=encoder_hidden.device))
         pad = ~encoder_mask.bool()[:, None, :]  # [B, 1, L]
         for layer in bert.encoder.layer:
-            h = layer.attention(h)[0]
+            own = layer.attention
+            h = own.output(own.self.value(h), h).expand(rows, -1, -1)  # attention over one token is its value
             h = layer.crossattention.output(_one_query_attention(layer.crossattention.self, h, encoder_hidden, pad), h)
             h = layer.feed_forward_chunk(h)
         return h
