@@ -246,7 +246,8 @@ def _sequence_states(model, encoder_hidden, attention_mask, adapters, rows, seqs
     sequence. Exact: the same attention over the same keys. Where that saves less than a second pass costs
     (SHARED_CACHE_MIN_TOKENS), one pass instead. Where there is nothing after the start token (width 1: a row's
     label words differ in their first word, every GLUE task but STS-B), the backbone's `start_states`, which
-    need not project the memory at all.
+    need not project the memory at all; a backbone that reads its memory unprojected takes every sequence in one
+    pass of `folded_states` instead of the row cache.
     """
     bb, device = model.backbone, encoder_hidden.device
     local = {row: i for i, row in enumerate(rows)}
@@ -257,6 +258,10 @@ def _sequence_states(model, encoder_hidden, attention_mask, adapters, rows, seqs
     if width == 1:  # one empty sequence a row (none is a prefix of another): the rows' own order
         with model.decoder_context.use(row_adapters):
             return bb.start_states(hidden, mask)
+    if bb.reads_memory_unprojected:  # each sequence reads its row's memory directly: no cache to share
+        with model.decoder_context.use(_select(row_adapters, seq_local)):
+            dec_in = _decoder_inputs(bb, seqs, width).to(device)
+            return bb.folded_states(dec_in, _take(hidden, seq_local), _take(mask, seq_local))
     if (len(seqs) - len(rows)) * int(mask.sum(1).max()) < SHARED_CACHE_MIN_TOKENS:
         return _one_pass_states(model, hidden, mask, row_adapters, seq_local, seqs, width)
     start = torch.full((len(rows), 1), bb.decoder_start_token_id, dtype=torch.long, device=device)
@@ -317,28 +322,30 @@ def _memory_spans(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _passes(plans: Sequence[_Plan], spans: torch.Tensor, unprojected: bool) -> list[list[int]]:
-    """The rows of each decoder pass, cut by width (_row_chunks). Where the backbone's `start_states` reads the
-    memory `unprojected`, the rows that need the start token's state alone (their candidates differ in their
-    first word) share one pass whatever their widths: the memory's width then hardly costs anything, and each
-    extra pass streams the decoder's weights again."""
+    """The rows of each decoder pass, cut by width (_row_chunks). Where the backbone reads the memory
+    `unprojected`, a memory state costs ~1/10 of a projected one and each extra pass streams the decoder's
+    weights again: the rows that need the start token's state alone (their candidates differ in their first
+    word) share one pass, and the others as few passes as MAX_PAIR_TOKENS allows."""
     if not unprojected:
         return _row_chunks([len(plan.sequences) for plan in plans], spans)
     first_only = [row for row, plan in enumerate(plans) if plan.sequences == ((),)]
     longer = [0 if plan.sequences == ((),) else len(plan.sequences) for plan in plans]
-    return ([first_only] if first_only else []) + _row_chunks(longer, spans)
+    return ([first_only] if first_only else []) + _row_chunks(longer, spans, call_cost=MAX_PAIR_TOKENS)
 
 
-def _row_chunks(sequences: Sequence[int], spans: torch.Tensor) -> list[list[int]]:
+def _row_chunks(
+    sequences: Sequence[int], spans: torch.Tensor, call_cost: int = SHARED_CACHE_MIN_TOKENS
+) -> list[list[int]]:
     """Rows grouped by how much memory they read (spans [B]) into decoder passes, each cut to its own widest
     row: a mixed serving batch has inputs of 10 to 250 tokens, and every sequence's cross-attention (and the
     cached keys and values copied to it) reads the whole width of its pass. The groups are the cheapest cut
-    (buckets.py) of sequences x width, with a pass's own cost of SHARED_CACHE_MIN_TOKENS and at most
+    (buckets.py) of sequences x width, with a pass's own cost of `call_cost` tokens and at most
     MAX_PAIR_TOKENS a pass; a row is never split (its sequences share head rows), and a row with none (a single
     candidate: probability 1) joins no group."""
     rows = [r for r in range(len(sequences)) if sequences[r]]
     widths = [int(spans[r]) for r in rows]
     counts = [sequences[r] for r in rows]
-    groups = length_buckets(widths, MAX_PAIR_TOKENS, counts, call_cost=SHARED_CACHE_MIN_TOKENS)
+    groups = length_buckets(widths, MAX_PAIR_TOKENS, counts, call_cost=call_cost)
     return [[rows[i] for i in group] for group in groups]
 
 

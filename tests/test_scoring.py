@@ -166,13 +166,30 @@ def test_start_states_equal_the_decoders_first_step(kind):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
+@torch.no_grad()
+def test_folded_states_equal_the_decoders_teacher_forced_states(model):
+    """MiniLM's `folded_states` (causal self-attention, cross-attention without projecting the memory) gives
+    `decode_states` for sequences of several tokens, padded after their end, over padded memories."""
+    rows = EXAMPLES + [Example("sentence: " + "a long one " * 12, "negative", "sst2")]
+    batch, hidden, mask = _encoded(model, rows)
+    bb = model.backbone
+    assert bb.reads_memory_unprojected and len(set(mask.sum(1).tolist())) > 1
+    dec_in = torch.tensor([[bb.decoder_start_token_id, 1010 + i, 1020 + i, bb.pad_token_id] for i in range(len(rows))])
+    dec_in[0, 2:] = bb.pad_token_id  # a shorter sequence: padding after it changes no state before it
+    with model.decoder_context.use(model.decoder_adapters(batch.task_ids)):
+        expected, _ = bb.decode_states(dec_in, hidden, mask)
+        got = bb.folded_states(dec_in, hidden, mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_rows_that_need_the_start_state_alone_share_one_pass(model):
     """Where the backbone reads the memory unprojected, every row whose labels differ in their first word goes
-    in one pass whatever its width; STS-B's rows (bins that branch later) are cut by width; otherwise all are."""
+    in one pass whatever its width, and STS-B's rows (bins that branch later) in another; otherwise all are cut
+    by width."""
     plans = [scoring._Plan.of(candidate_ids(model.backbone, AnswerSpace.of_task(t))) for t in ("sst2", "stsb")]
     rows = [plans[0], plans[1], plans[0], plans[1]]
     spans = torch.tensor([10, 12, 240, 250])
-    assert scoring._passes(rows, spans, unprojected=True) == [[0, 2], [1], [3]]
+    assert scoring._passes(rows, spans, unprojected=True) == [[0, 2], [1, 3]]
     assert scoring._passes(rows, spans, unprojected=False) == [[0, 1], [2, 3]]
 
 
