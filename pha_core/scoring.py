@@ -24,7 +24,9 @@ which differ in their first token; for STS-B's bins, which branch after the star
 bin), five sequences of 3 tokens (start, digit, ".") a row instead of 26 of 4. Those
 sequences are the rows of a decoder pass (chunked to bound memory) that start from their row's cache
 (cross-attention keys and values made once per row), and the output layer runs once per branching (row,
-prefix); rows of a batch may belong to different tasks, each with its own candidates and adapters.
+prefix); rows of a batch may belong to different tasks, each with its own candidates and adapters. A backbone
+that reads its memory without projecting it (MiniLM: `start_states`, `folded_states`) needs no row cache: the
+rows whose labels differ in their first word take one pass, the others as few as the memory bound allows.
 """
 
 from __future__ import annotations
