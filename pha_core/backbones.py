@@ -219,7 +219,7 @@ DEFAULT_ATTENTION = "sdpa"
 class MiniLMBackbone(Backbone):
     """BERT encoder + BERT decoder warm-started from the same checkpoint (see module docstring)."""
 
-    reads_memory_unprojected = True  # start_states folds cross-attention
+    reads_memory_unprojected = True  # start_states and folded_states fold cross-attention
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
@@ -338,9 +338,7 @@ class MiniLMBackbone(Backbone):
         multiply-adds per memory state and width instead of 2 x d for the key and value projections (1/32 of them
         for MiniLM's 12 heads of a 384-wide state). Self-attention over the one token is that token's value
         (its query and key are not needed); the FFN, with the adapter beside it, runs as in `decode_states`;
-        training mode (dropout) takes the plain pass. With every such row of a batch in one pass
-        (scoring._passes), `Engine.answer` on the serving bench's mixed batches of 16 took 50 ms instead of
-        81-93 (docs/serving.md, session 20), the same answers.
+        training mode (dropout) takes the plain pass. Measured on the serving path: docs/serving.md, session 20.
         """
         if self.training:
             return super().start_states(encoder_hidden, encoder_mask)

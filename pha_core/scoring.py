@@ -252,6 +252,11 @@ def _sequence_states(model, encoder_hidden, attention_mask, adapters, rows, seqs
     pass of `folded_states` instead of the row cache.
     """
     bb, device = model.backbone, encoder_hidden.device
+    if width > 1 and bb.reads_memory_unprojected:  # each sequence reads its row's memory itself: no cache
+        pairs = _index([row for row, _ in seqs], device, encoder_hidden.size(0))
+        with model.decoder_context.use(_select(adapters, pairs)):
+            dec_in = _decoder_inputs(bb, seqs, width).to(device)
+            return bb.folded_states(dec_in, _take(encoder_hidden, pairs), _take(attention_mask, pairs))
     local = {row: i for i, row in enumerate(rows)}
     seq_local = _index([local[row] for row, _ in seqs], device)
     row_index = _index(rows, device, encoder_hidden.size(0))
@@ -260,10 +265,6 @@ def _sequence_states(model, encoder_hidden, attention_mask, adapters, rows, seqs
     if width == 1:  # one empty sequence a row (none is a prefix of another): the rows' own order
         with model.decoder_context.use(row_adapters):
             return bb.start_states(hidden, mask)
-    if bb.reads_memory_unprojected:  # each sequence reads its row's memory directly: no cache to share
-        with model.decoder_context.use(_select(row_adapters, seq_local)):
-            dec_in = _decoder_inputs(bb, seqs, width).to(device)
-            return bb.folded_states(dec_in, _take(hidden, seq_local), _take(mask, seq_local))
     if (len(seqs) - len(rows)) * int(mask.sum(1).max()) < SHARED_CACHE_MIN_TOKENS:
         return _one_pass_states(model, hidden, mask, row_adapters, seq_local, seqs, width)
     start = torch.full((len(rows), 1), bb.decoder_start_token_id, dtype=torch.long, device=device)
