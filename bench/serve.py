@@ -366,7 +366,7 @@ def pipeline_alone(engine, by_task: dict[str, list[str]], batch: int = 16) -> di
     def run(lo: int, hi: int) -> None:
         encoded = engine.encode(texts[lo:hi])
         names = tasks[lo:hi]
-        engine.answer(encoded, [adapters[t] for t in names], [spaces[t] for t in names], 8)
+        engine.answer(encoded, [adapters[t] for t in names], [spaces[t] for t in names], 8, texts[lo:hi])
 
     run(0, batch)  # warm-up
     seconds = median_time(lambda: [run(i, i + batch) for i in range(0, len(texts), batch)], 2)

@@ -15,7 +15,7 @@ import torch
 from .label_prior import LabelPrior
 from .metrics import score, task_metrics
 from .model import PHAModel
-from .scoring import AnswerSpace, rank
+from .scoring import AnswerSpace, rank, read_both_orders
 from .source import candidates_by_template
 from .tasks import Example, templates_of
 
@@ -37,7 +37,7 @@ def predict_examples(
     bins), so every output is valid for the task that answers it; "greedy" writes freely. A row routed to
     another task answers within that task's space, as the server does. `prior`: the label tasks' fitted
     offsets and temperatures (label_prior.py), as the server applies them; None: the decoder's probabilities as
-    they are.
+    they are. Tasks read in both field orders (scoring.BOTH_ORDERS) are, as the server reads them.
     """
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
@@ -46,29 +46,38 @@ def predict_examples(
     new_tokens = max_new_tokens or cfg.max_target_length
     ids_of: dict = {}
 
-    def answers(hidden, mask, adapters, tasks: list[str]) -> list[str]:
+    def answers(texts: list[str], hidden, mask, task_ids, adapters, tasks: list[str]) -> list[str]:
         spaces = [prior.space_of(t) if prior else AnswerSpace.of_task(t) for t in tasks]
         if decoding == "greedy" or any(s is None for s in spaces):
             return [bb.decode_text(row) for row in model.greedy_decode(hidden, mask, adapters, new_tokens)]
-        return [s.output for s in rank(model, hidden, mask, adapters, spaces, ids_of)]
+
+        def read(rows: list[int], swapped: list[str]):
+            index = torch.tensor(rows, device=model.device)
+            h, m = model.encode(model.source(swapped), task_ids.index_select(0, index))
+            part = [w.index_select(index) for w in adapters]
+            return rank(model, h, m, part, [spaces[i] for i in rows], ids_of)
+
+        scored = rank(model, hidden, mask, adapters, spaces, ids_of)
+        return [s.output for s in read_both_orders(spaces, texts, scored, read)]
 
     templates = templates_of(model.tasks)
     given, retrieved, routes = [], [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
+        texts = [e.input for e in chunk]
         gold = model.task_ids([e.task for e in chunk])
-        hidden, mask = model.encode(model.source([e.input for e in chunk]), gold)
+        hidden, mask = model.encode(model.source(texts), gold)
         z = model.instance_vectors(hidden, mask) if model.retriever is not None else None
-        given += answers(hidden, mask, model.decoder_adapters(gold, z), [e.task for e in chunk])
+        given += answers(texts, hidden, mask, gold, model.decoder_adapters(gold, z), [e.task for e in chunk])
         if cfg.routes_by_prototype:
-            allowed = candidates_by_template([e.input for e in chunk], templates)
+            allowed = candidates_by_template(texts, templates)
             picked = model.retrieve(z, top_k=1, allowed=allowed.to(model.device)).indices[:, 0]
             names = [model.tasks[i] for i in picked.tolist()]
             routes += names
             if torch.equal(picked, gold):
                 retrieved += given[-len(chunk) :]
             else:
-                retrieved += answers(hidden, mask, model.decoder_adapters(picked, z), names)
+                retrieved += answers(texts, hidden, mask, picked, model.decoder_adapters(picked, z), names)
     return {"given": given, "retrieved": retrieved, "routes": routes}
 
 

@@ -24,7 +24,7 @@ from .adapters import AdapterWeights
 from .content import content_layer, content_vectors
 from .model import PHAModel
 from .precision import autocast, serve_in
-from .scoring import AnswerSpace, Scored, candidate_ids, rank
+from .scoring import AnswerSpace, Scored, candidate_ids, rank, read_both_orders
 
 # Answer spaces whose token ids are kept (a few label words each); beyond it the cache starts again.
 MAX_CACHED_SPACES = 100_000
@@ -208,9 +208,11 @@ class Engine:
         adapter_sets: list[AdapterSet],
         spaces: list[AnswerSpace | None],
         max_new_tokens: int,
+        texts: list[str] | None = None,
     ) -> list[Scored]:
         """Each example's answer: rank classification within its answer space (scoring.py) where it has one,
-        greedy generation (no probabilities) where it has none. One decoder pass for each of the two kinds."""
+        greedy generation (no probabilities) where it has none. One decoder pass for each of the two kinds.
+        `texts` (the encoded inputs): spaces that read both field orders (STS-B) read them; None: as written."""
         if len(spaces) != len(encoded):
             raise ValueError(f"{len(encoded)} inputs but {len(spaces)} answer spaces")
         with self._tokenizer_lock:
@@ -234,7 +236,19 @@ class Engine:
                 scored = scorer(hidden, mask, part, [spaces[i] for i in rows], max_new_tokens)
             for i, one in zip(rows, scored, strict=True):
                 results[i] = one
-        return results
+        if texts is None:
+            return results
+        return read_both_orders(spaces, texts, results, lambda rows, swapped: self._read(rows, swapped, layers, spaces))
+
+    def _read(self, rows: list[int], texts: list[str], layers, spaces) -> list[Scored]:
+        """`texts` answered as the batch's rows `rows` are (their adapters and spaces): the other field order."""
+        with self._tokenizer_lock:
+            source = self.model.source(texts)
+        index = torch.tensor(rows, device=self.model.device)
+        with self._precision():
+            hidden, mask = self.model.encode(source)
+            part = [w.index_select(index) for w in layers]
+            return self._rank(hidden, mask, part, [spaces[i] for i in rows], 0)
 
     def _rank(self, hidden, mask, layers, spaces, _max_new_tokens) -> list[Scored]:
         return rank(self.model, hidden, mask, layers, spaces, self._ids_of)

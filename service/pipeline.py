@@ -122,7 +122,10 @@ class Pipeline:
         spaces = [decisions[i][0].answers for i in live]
         max_new = items[0].max_new_tokens
         part = encoded if len(live) == len(items) else encoded.select(live)
-        answers, seconds = await self.runner(lambda: timed(lambda: self.engine.answer(part, sets, spaces, max_new)))
+        read = [items[i].text for i in live]  # STS-B reads its two sentences in both orders (scoring.BOTH_ORDERS)
+        answers, seconds = await self.runner(
+            lambda: timed(lambda: self.engine.answer(part, sets, spaces, max_new, read))
+        )
         self.metrics.phase_seconds.labels("generate").observe(seconds)
         for i, answer in zip(live, answers, strict=True):
             fields = decisions[i][1]

@@ -7,6 +7,7 @@ import torch
 from pha_core import scoring
 from pha_core.collate import collate
 from pha_core.evaluate import predict_examples
+from pha_core.inference import Engine
 from pha_core.model import PHAModel
 from pha_core.scoring import STSB_BINS, AnswerSpace, answer, candidate_ids, label_log_likelihoods, rank
 from pha_core.tasks import Example
@@ -239,3 +240,55 @@ def test_labels_that_share_words_score_as_teacher_forced(kind):
         assert score == pytest.approx(expected, abs=1e-4), (kind, word)
     assert certain.tolist() == [0.0]
     assert rank(model, hidden, mask, adapters, [AnswerSpace(("only",))] * 2)[1].probabilities == {"only": 1.0}
+
+
+def test_other_order_swaps_the_two_fields_of_a_task_read_both_ways():
+    stsb = AnswerSpace.of_task("stsb")
+    assert scoring.other_order(stsb, "sentence1: a b. sentence2: a c.") == "sentence1: a c. sentence2: a b."
+    assert scoring.other_order(stsb, "sentence1: same. sentence2: same.") is None  # the swap changes nothing
+    assert scoring.other_order(stsb, "sentence: not the template") is None
+    assert scoring.other_order(AnswerSpace.of_task("mrpc"), "sentence1: a b. sentence2: a c.") is None
+    assert scoring.other_order(None, "sentence1: a b. sentence2: a c.") is None
+    with pytest.raises(ValueError, match="two fields"):
+        AnswerSpace(("x",), both_orders="sentence: {sentence}")
+
+
+@torch.no_grad()
+def test_both_orders_answer_is_the_mean_of_the_two_readings_in_serving_and_evaluation():
+    """An STS-B row is answered with the mean of its two readings' bin probabilities (so the expectation is the
+    mean of the two expectations), by the engine the server calls and by evaluation alike; a row of another
+    task, in the same batch, as it is written."""
+    torch.manual_seed(0)
+    model = PHAModel(tiny_config(tasks=["sst2", "stsb"])).eval()
+    # At the tiny model's initial scale (std 0.02) its bin probabilities are near uniform whatever it reads, and
+    # the two orders (the same tokens) differ by ~1e-6: larger weights make the readings differ.
+    for weight in (p for p in model.backbone.parameters() if p.dim() == 2):
+        torch.nn.init.normal_(weight, std=0.3)
+    rows = [Example("sentence1: a cat sat. sentence2: a dog ran far.", "1.0", "stsb"), EXAMPLES[0]]
+    swapped = Example("sentence1: a dog ran far. sentence2: a cat sat.", "1.0", "stsb")
+    spaces = [AnswerSpace.of_task(e.task) for e in rows]
+    readings = []
+    for ex in (rows[0], swapped):
+        batch, hidden, mask = _encoded(model, [ex])
+        readings += rank(model, hidden, mask, model.decoder_adapters(batch.task_ids), [spaces[0]])
+    first, second = (_expectation(r.probabilities) for r in readings)
+    assert abs(first - second) > 0.1  # the two orders read differently: the test can tell them apart
+    mean = {w: (readings[0].probabilities[w] + readings[1].probabilities[w]) / 2 for w in STSB_BINS}
+
+    engine = Engine(model)
+    prototypes = engine.trained_prototypes()
+    sets = [engine.adapters_for_prototype(prototypes[model.tasks.index(e.task)]) for e in rows]
+    texts = [e.input for e in rows]
+    served = engine.answer(engine.encode(texts), sets, spaces, 4, texts)
+    one_order = engine.answer(engine.encode(texts), sets, spaces, 4)
+    assert _expectation(served[0].probabilities) == pytest.approx((first + second) / 2, abs=1e-6)
+    assert _expectation(one_order[0].probabilities) == pytest.approx(first, abs=1e-6)
+    assert served[0].output == f"{(first + second) / 2:.3f}"
+    for word, p in mean.items():
+        assert served[0].probabilities[word] == pytest.approx(p, abs=1e-7)
+    assert served[1] == one_order[1]
+    assert predict_examples(model, rows)["given"][0] == served[0].output
+
+
+def _expectation(table: dict[str, float]) -> float:
+    return sum(float(w) * p for w, p in table.items())

@@ -124,3 +124,22 @@ def test_the_demo_serves_its_trained_tasks_with_their_fitted_label_prior(client)
     assert catalog.get("cola").answers.temperature == pytest.approx(prior.temperature_of("cola"))
     assert exported["label_temperature"] == pytest.approx(prior.temperature_of("mnli"))
     assert catalog.get("stsb").answers.temperature == 1.0
+
+
+def test_stsb_is_answered_in_both_orders_of_its_sentences(client):
+    """/predict answers an STS-B pair (as a string or as fields) with the mean of the two orders' readings, so
+    the score of (A, B) is that of (B, A); each reading alone is the engine's one-order answer."""
+    engine = client.app.state.pha.engine
+    a, b = "A man is playing a guitar on stage.", "A woman is slicing an onion."
+    texts = [f"sentence1: {a} sentence2: {b}", f"sentence1: {b} sentence2: {a}"]
+    prototype = engine.trained_prototypes()[engine.tasks.index("stsb")]
+    adapters = engine.adapters_for_prototype(prototype)
+    space = client.app.state.pha.catalog.get("stsb").answers
+    readings = engine.answer(engine.encode(texts), [adapters] * 2, [space] * 2, 4)
+    one, other = (float(r.output) for r in readings)
+    assert one != other  # the two orders read differently
+    forward = client.post("/predict", json={"inputs": texts[0], "task": "stsb"}).json()["predictions"][0]
+    backward = client.post("/predict", json={"inputs": {"sentence1": b, "sentence2": a}, "task": "stsb"})
+    assert float(forward["output"]) == pytest.approx((one + other) / 2, abs=2e-3)
+    assert backward.json()["predictions"][0]["output"] == forward["output"]
+    assert set(forward["probabilities"]) == set(space.words)
