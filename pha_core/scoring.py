@@ -47,9 +47,9 @@ from .tasks import fill_template, get_task, template_fields, template_pattern
 # STS-B targets are rounded to 0.2 (tasks._stsb_target), so these are every target it can have.
 STSB_BINS: tuple[str, ...] = tuple(f"{i / 5:.1f}" for i in range(26))
 # Tasks whose answer is the mean of the readings with the two fields in either order (one more encoder and
-# decoder pass for their rows). STS-B on the demo, 500 rows a split (docs/results.md section 2): validation
-# 0.853 -> 0.858, test 0.841 -> 0.856. MRPC and QQP are symmetric too but did not gain on validation (label
-# offsets cross-fitted on its halves: MRPC 0.826 -> 0.823, QQP 0.790 -> 0.780), so they read one order.
+# decoder pass for their rows). On the demo (bench/both_orders.py, docs/results.md section 2): STS-B validation
+# 0.853 -> 0.858, test 0.841 -> 0.856. MRPC and QQP are symmetric too but lost on validation (0.839 -> 0.827,
+# 0.799 -> 0.798), so they read one order.
 BOTH_ORDERS: tuple[str, ...] = ("stsb",)
 # (input, candidate) pairs times the source tokens they read, per decoder pass. Each pass holds the row cache's
 # cross-attention keys and values copied per pair ([pairs, source tokens, 2 x d] a layer): a bound keeps that

@@ -70,6 +70,7 @@ class Pipeline:
         runner: ModelRunner,
         metrics: Metrics,
         policy: RoutePolicy,
+        both_orders: bool = True,
     ) -> None:
         self.engine = engine
         self.catalog = catalog
@@ -79,6 +80,7 @@ class Pipeline:
         self.runner = runner
         self.metrics = metrics
         self.policy = policy
+        self.both_orders = both_orders  # STS-B's two sentences read in both orders (scoring.BOTH_ORDERS)
 
     async def __call__(self, batch: list[WorkItem]) -> None:
         now = time.perf_counter()
@@ -122,7 +124,7 @@ class Pipeline:
         spaces = [decisions[i][0].answers for i in live]
         max_new = items[0].max_new_tokens
         part = encoded if len(live) == len(items) else encoded.select(live)
-        read = [items[i].text for i in live]  # STS-B reads its two sentences in both orders (scoring.BOTH_ORDERS)
+        read = [items[i].text for i in live] if self.both_orders else None  # the texts a second reading swaps
         answers, seconds = await self.runner(
             lambda: timed(lambda: self.engine.answer(part, sets, spaces, max_new, read))
         )

@@ -126,6 +126,7 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics, runne
         runner=runner,
         metrics=metrics,
         policy=policy,
+        both_orders=settings.both_orders,
     )
     batcher = MicroBatcher(pipeline, max_batch=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000)
     limits = RequestLimits.from_settings(settings, engine.config.max_source_length, engine.config.max_target_length)

@@ -143,3 +143,18 @@ def test_stsb_is_answered_in_both_orders_of_its_sentences(client):
     assert float(forward["output"]) == pytest.approx((one + other) / 2, abs=2e-3)
     assert backward.json()["predictions"][0]["output"] == forward["output"]
     assert set(forward["probabilities"]) == set(space.words)
+
+
+def test_stsb_is_answered_in_one_order_where_the_deployment_says_so():
+    """PHA_BOTH_ORDERS=false: an STS-B pair is answered as written, (A, B) and (B, A) each their own reading."""
+    with running_app(DEMO, both_orders=False) as client:
+        engine = client.app.state.pha.engine
+        texts = [
+            "sentence1: A man is playing a guitar. sentence2: A woman slices an onion.",
+            "sentence1: A woman slices an onion. sentence2: A man is playing a guitar.",
+        ]
+        adapters = engine.adapters_for_prototype(engine.trained_prototypes()[engine.tasks.index("stsb")])
+        space = client.app.state.pha.catalog.get("stsb").answers
+        readings = [r.output for r in engine.answer(engine.encode(texts), [adapters] * 2, [space] * 2, 4)]
+        served = client.post("/predict", json={"inputs": texts, "task": "stsb"}).json()["predictions"]
+        assert [p["output"] for p in served] == readings and readings[0] != readings[1]
