@@ -248,7 +248,7 @@ class Engine:
         with self._precision():
             hidden, mask = self.model.encode(source)
             part = [w.index_select(index) for w in layers]
-            return self._rank(hidden, mask, part, [spaces[i] for i in rows], 0)
+            return rank(self.model, hidden, mask, part, [spaces[i] for i in rows], self._ids_of)
 
     def _rank(self, hidden, mask, layers, spaces, _max_new_tokens) -> list[Scored]:
         return rank(self.model, hidden, mask, layers, spaces, self._ids_of)

@@ -108,11 +108,13 @@ class AnswerSpace:
         """The answer space of a known task (STS-B: its 0.2 bins), with its fitted label prior and temperature
         (label_prior.py) when it has them; None for tasks without a space."""
         spec = get_task(name)
-        both_orders = spec.template if name in BOTH_ORDERS else None
         if spec.labels is not None:
             space = cls.of_labels(spec.labels, offsets, temperature)
-            return space if both_orders is None else replace(space, both_orders=both_orders)
-        return cls(STSB_BINS, regression=True, both_orders=both_orders) if name == "stsb" else None
+        elif name == "stsb":
+            space = cls(STSB_BINS, regression=True)
+        else:
+            return None
+        return replace(space, both_orders=spec.template) if name in BOTH_ORDERS else space
 
     @classmethod
     def of_labels(
