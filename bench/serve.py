@@ -14,7 +14,8 @@
    The texts are real test rows of every task (--rows per task, lengths as they come) when $PHA_DATA_DIR has
    the shared data, else a pool of made-up sentences written in each template.
    Reported: requests/s, p50/p99 latency, the client's CPU ms per request (taken from the server's cores), and
-   from the server's /metrics the mean batch size and phase times.
+   from the server's /metrics the mean batch size, phase times and the model thread's utilisation ("busy": its
+   busy share of the cell's wall time; under load, what is below 1.0 is the model waiting on the server).
 2. In process, after the server has stopped: the frozen encoder alone on the same texts (the floor of this
    backbone: what serving a probe on it would cost), the server's model work alone on them (encode + answer,
    no server: the ceiling of any server on this model and CPU), FAISS routing time at 10, 1k, 100k prototypes,
@@ -204,7 +205,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def scrape(base: str) -> dict[str, float]:
-    """Sums and counts of the server's batch and phase histograms."""
+    """Sums and counts of the server's batch and phase histograms, its model thread's busy seconds, and when."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=10).text):
         for s in family.samples:
@@ -212,10 +213,19 @@ def scrape(base: str) -> dict[str, float]:
                 ("_sum", "_count")
             ):
                 out[s.name + ":" + s.labels.get("phase", "")] = s.value
+            elif s.name == BUSY:
+                out[BUSY] = s.value
+    out["at"] = time.perf_counter()
     return out
 
 
+BUSY = "pha_model_busy_seconds_total"
+
+
 def server_side(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Mean batch and phase times over a cell, and the model thread's utilisation: its busy share of the cell's
+    wall time (1.0: the server never kept the model waiting; absent from servers that do not export it)."""
+
     def mean(name: str, label: str = "") -> float | None:
         n = after.get(f"{name}_count:{label}", 0) - before.get(f"{name}_count:{label}", 0)
         total = after.get(f"{name}_sum:{label}", 0) - before.get(f"{name}_sum:{label}", 0)
@@ -223,8 +233,10 @@ def server_side(before: dict[str, float], after: dict[str, float]) -> dict:
 
     phases = {p: mean("pha_phase_duration_seconds", p) for p in ("queue", "encode_route", "adapter", "generate")}
     batch = mean("pha_batch_size")
+    busy = (after[BUSY] - before[BUSY]) / (after["at"] - before["at"]) if BUSY in after and BUSY in before else None
     return {
         "mean_batch": round(batch, 2) if batch else None,
+        "model_busy": round(busy, 3) if busy is not None else None,
         "phase_ms": {p: round(v * 1000, 2) if v is not None else None for p, v in phases.items()},
     }
 
@@ -283,7 +295,7 @@ def count_tokens(rows: list[dict], engine) -> None:
 def format_table(rows: list[dict]) -> str:
     head = (
         f"{'scenario':<14} {'c':>3} {'new':>3} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'n':>5} {'batch':>6} "
-        f"{'in tok':>6} {'out tok':>7} {'client':>6}  server phases (mean ms)"
+        f"{'in tok':>6} {'out tok':>7} {'client':>6} {'busy':>5}  server phases (mean ms)"
     )
     lines = [head]
     for r in rows:
@@ -292,7 +304,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"{r['scenario']:<14} {r['concurrency']:>3} {r['max_new_tokens']:>3} {r['rps']:>8.2f} {r['p50_ms']:>8} "
             f"{r['p99_ms']:>8} {r['requests']:>5} {r['mean_batch']!s:>6} {r['mean_input_tokens']!s:>6} "
-            f"{r['mean_output_tokens']!s:>7} {r['client_cpu_ms']!s:>6}  "
+            f"{r['mean_output_tokens']!s:>7} {r['client_cpu_ms']!s:>6} {r.get('model_busy')!s:>5}  "
             f"{phases}{fails}"
         )
     return "\n".join(lines)

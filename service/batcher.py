@@ -1,8 +1,9 @@
 """Micro-batching: texts of concurrent requests are gathered into one model call.
 
-Requests put one `WorkItem` per text on an asyncio queue. When the previous batch is done, the batcher takes the
-waiting items, up to `max_batch` texts, waiting until the oldest has waited `max_wait` if there are fewer, and hands
-the batch to the pipeline. Items of one batch may belong to different requests and different tasks.
+Requests put one `WorkItem` per text on an asyncio queue. When the previous batch has queued its last model call,
+the batcher takes the waiting items, up to `max_batch` texts, waiting until the oldest has waited `max_wait` if
+there are fewer, and hands the batch to the pipeline. Items of one batch may belong to different requests and
+different tasks.
 
 Every model call runs on ONE dedicated thread (`ModelRunner`): the event loop never blocks on torch, and model
 calls never run concurrently (so CPU threads are not oversubscribed).
@@ -62,24 +63,44 @@ class WorkItem:
 
 
 class ModelRunner:
-    """Runs callables on the single model thread and awaits them from the event loop."""
+    """Runs callables on the single model thread and awaits them from the event loop.
+
+    `busy_seconds` is the thread's time in calls so far: its rate is the model thread's utilisation (exported as
+    pha_model_busy_seconds_total), 1.0 when the server does nothing but model work."""
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pha-model")
+        self._busy = 0.0  # written on the model thread only
+
+    @property
+    def busy_seconds(self) -> float:
+        return self._busy
+
+    def _timed(self, call: Callable[[], T]) -> T:
+        start = time.perf_counter()
+        try:
+            return call()
+        finally:
+            self._busy += time.perf_counter() - start
 
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        return await self.submit(fn, *args)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue `fn` on the model thread now (not when the result is first awaited) and return its future."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, self._timed, functools.partial(fn, *args))
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the model thread and wait for it, outside any event loop (loading before serving)."""
-        return self._executor.submit(fn, *args).result()
+        return self._executor.submit(self._timed, functools.partial(fn, *args)).result()
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-BatchHandler = Callable[[list[WorkItem]], Awaitable[None]]
+Handoff = Callable[[], None]
+# A batch's handler gets the batch and a `Handoff`, to call once its last model call is queued on the model thread.
+BatchHandler = Callable[[list[WorkItem], Handoff], Awaitable[None]]
 
 
 class MicroBatcher:
@@ -88,9 +109,11 @@ class MicroBatcher:
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._queue: asyncio.Queue[WorkItem] = asyncio.Queue()
-        # One batch at a time: texts that arrive while a batch runs wait and form the next, full batch (two in
-        # flight halved the batch size under load, measured with bench/serve.py, for little gain: cache fetches
-        # are rare). Taken by the collecting loop, released by the batch's task when it is done.
+        # One batch at a time until its model work is queued: texts that arrive while a batch runs wait and form
+        # the next, full batch (two batches collected at once halved the batch size under load, measured with
+        # bench/serve.py). Taken by the collecting loop; released by the batch's handler as soon as its last
+        # model call is queued (the handoff), so the next batch's encode waits on the model thread behind that
+        # call instead of behind the event loop writing this batch's responses (docs/serving.md, session 22).
         self._one_batch = asyncio.Lock()
         self._running: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
@@ -158,13 +181,21 @@ class MicroBatcher:
         return batch
 
     async def _process(self, batch: list[WorkItem]) -> None:
+        handed_off = False
+
+        def handoff() -> None:
+            nonlocal handed_off
+            if not handed_off:
+                handed_off = True
+                self._one_batch.release()
+
         try:
-            await self._handler(batch)
+            await self._handler(batch, handoff)
         except Exception as exc:  # the handler failed as a whole: no item may wait forever
             log.exception("batch failed", extra={"batch_size": len(batch)})
             _fail(batch, exc)
         finally:
-            self._one_batch.release()
+            handoff()  # a handler that returned early, or failed, before queuing a last model call
 
     async def stop(self) -> None:
         """Stop taking batches, let running ones finish, and answer queued items with 503."""

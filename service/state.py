@@ -109,6 +109,7 @@ def build_state(settings: Settings, loaded: LoadedModel, metrics: Metrics, runne
     # Read when scraped, not set on every change: a replica catching up applies a million changes.
     metrics.tasks.set_function(lambda: len(catalog))
     metrics.catalog_version.set_function(lambda: catalog.version)
+    metrics.watch_model_thread(lambda: runner.busy_seconds)
     policy = RoutePolicy(
         settings.min_route_score,
         settings.low_score_action,

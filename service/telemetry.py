@@ -6,7 +6,10 @@ metric is labelled by task name; per-task traffic belongs in logs, not in time s
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 # Latency buckets from 1 ms (an L1 hit) to 30 s (a large batch on a slow CPU).
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -83,5 +86,25 @@ class Metrics:
         for why in ("template", "typicality"):
             self.no_fit.labels(why)
 
+    def watch_model_thread(self, busy_seconds: Callable[[], float]) -> None:
+        """Export the model thread's busy time, read when scraped (the thread keeps the sum, not a metric)."""
+        self.collectors.register(_ReadCounter("pha_model_busy_seconds", _BUSY_HELP, busy_seconds))
+
     def render(self) -> bytes:
         return generate_latest(self.collectors)
+
+
+_BUSY_HELP = (
+    "seconds the one model thread spent in model calls; rate() is its utilisation: 1 when saturated, and below "
+    "that under load the time a batch waits for the event loop between its model calls"
+)
+
+
+class _ReadCounter:
+    """A counter whose value another part keeps (a collector, registered once)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self._name, self._documentation, self._read = name, documentation, read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self._read())

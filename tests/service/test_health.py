@@ -7,7 +7,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.app import running_app
+from tests.support.app import metric, running_app
 from tests.support.ports import free_port
 
 EXPECTED_METRICS = {
@@ -18,6 +18,7 @@ EXPECTED_METRICS = {
     "pha_route_score",
     "pha_batch_size",
     "pha_requests_in_flight",
+    "pha_model_busy_seconds",
 }
 
 
@@ -63,6 +64,16 @@ def test_metrics_exposition(client):
     assert "task" not in labels and "name" not in labels
     requests = [s for s in families["pha_request_duration_seconds"].samples if s.name.endswith("_count")]
     assert any(s.labels == {"route": "/predict", "status": "200"} and s.value >= 1 for s in requests)
+
+
+def test_model_thread_busy_time_is_exported(client):
+    """pha_model_busy_seconds_total counts the model thread's time in calls (its rate is the utilisation)."""
+    before = metric(client, "pha_model_busy_seconds_total")
+    client.portal.call(client.app.state.pha.runner, time.sleep, 0.2)
+    after = metric(client, "pha_model_busy_seconds_total")
+    assert 0.2 <= after - before < 5
+    client.post("/predict", json={"inputs": "sentence: fine"})
+    assert metric(client, "pha_model_busy_seconds_total") > after
 
 
 def test_two_apps_do_not_share_metrics(client, tiny_checkpoint):

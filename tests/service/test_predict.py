@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.support.app import metric, model_thread_busy, running_app, wait_for_metric
+from tests.support.polling import wait_for
 
 SST2 = "sentence: a gripping and beautiful film"
 RTE = "sentence1: The cat sat on the mat. sentence2: A cat is sitting."
@@ -121,3 +123,37 @@ def test_backbone_only_switch(tiny_checkpoint):
         assert p["task"] is None and p["routed"] is False
         adapted = predict(client, inputs=SST2, task="sst2")["predictions"][0]
         assert adapted["task"] == "sst2"
+
+
+def batches_so_far(client) -> float:
+    (family,) = client.app.state.pha.metrics.batch_size.collect()
+    return next(s.value for s in family.samples if s.name.endswith("_count"))
+
+
+def test_next_batch_is_collected_while_the_last_answer_runs(client, monkeypatch):
+    """The batcher's hand-off on the real pipeline: once a batch's answer call is queued, the next batch is
+    collected (its encode queues behind the answer) instead of waiting for the answer and the responses."""
+    engine = client.app.state.pha.engine
+    answer = engine.answer
+    answering = threading.Event()
+    seen: list[bool] = []
+
+    def held_answer(*args, **kwargs):
+        if not seen:  # the first answer waits (up to 5 s) for the second request's batch to be collected
+            answering.set()
+            try:
+                wait_for(lambda: batches_so_far(client) >= start + 2, 5, "the second batch", interval=0.005)
+                seen.append(True)
+            except AssertionError:
+                seen.append(False)
+        return answer(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "answer", held_answer)
+    start = batches_so_far(client)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(predict, client, inputs=SST2, task="sst2")
+        assert answering.wait(10)
+        second = pool.submit(predict, client, inputs=RTE, task="rte")
+        assert first.result()["predictions"][0]["task"] == "sst2"
+        assert second.result()["predictions"][0]["task"] == "rte"
+    assert seen == [True], "the second batch was collected only after the first batch's answer had returned"
