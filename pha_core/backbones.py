@@ -161,7 +161,25 @@ class Backbone(nn.Module):
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Source tokens of each text, specials included, before any truncation."""
-        return [len(ids) for ids in self.tokenizer(texts, truncation=False).input_ids]
+        return [len(ids) for ids in self.token_ids(texts)]
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Source token ids of each text, specials included, uncut."""
+        return self.tokenizer(texts, truncation=False).input_ids
+
+    def pad_ids(self, rows: list[list[int]], max_length: int) -> dict[str, torch.Tensor]:
+        """`tokenize` of texts whose ids are `rows` (`token_ids`): each row cut to `max_length` as the tokenizer
+        cuts one sequence (its content shortened, its closing special token kept), then padded."""
+        cut = [row if len(row) <= max_length else row[: max_length - 1] + row[-1:] for row in rows]
+        width = max(len(row) for row in cut)
+        ids = torch.full((len(cut), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(cut), width, dtype=torch.long)
+        left = self.tokenizer.padding_side == "left"
+        for i, row in enumerate(cut):  # no tokenizer call: safe beside another thread's tokenizing
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return {"input_ids": ids, "attention_mask": mask}
 
     def target_ids(self, text: str) -> list[int]:
         """Token ids of a target text, ending with EOS (no start token)."""

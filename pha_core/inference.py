@@ -25,6 +25,7 @@ from .content import content_layer, content_vectors
 from .model import PHAModel
 from .precision import autocast, serve_in
 from .scoring import AnswerSpace, Scored, candidate_ids, rank, read_both_orders
+from .source import Tokens, tokenize
 
 # Answer spaces whose token ids are kept (a few label words each); beyond it the cache starts again.
 MAX_CACHED_SPACES = 100_000
@@ -122,7 +123,13 @@ class Engine:
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         with self._tokenizer_lock:
-            return [len(ids) for ids in self.backbone.tokenizer(texts, truncation=False).input_ids]
+            return self.backbone.count_tokens(texts)
+
+    def tokenize(self, texts: list[str]) -> list[Tokens]:
+        """`texts` tokenised for `encode(..., tokens=)`, with each one's token count: a caller that checks
+        lengths tokenises once, off the model thread."""
+        with self._tokenizer_lock:
+            return tokenize(self.backbone, texts, self.config.by_field)
 
     def truncate(self, texts: list[str], limit: int) -> list[tuple[str, int, int]]:
         """Each text cut to at most `limit` tokens (special tokens included), at a token's end:
@@ -154,9 +161,13 @@ class Engine:
         return autocast(self.precision, self.model.device)
 
     @torch.inference_mode()
-    def encode(self, texts: list[str], adapters_on: bool = True) -> Encoded:
-        with self._tokenizer_lock:
-            source = self.model.source(texts)
+    def encode(self, texts: list[str], adapters_on: bool = True, tokens: list[Tokens] | None = None) -> Encoded:
+        """The encoder pass over `texts` (`tokens`: the same texts tokenised already by `tokenize`)."""
+        if tokens is not None:
+            source = self.model.source_of(tokens)
+        else:
+            with self._tokenizer_lock:
+                source = self.model.source(texts)
         with self._precision():
             return self._encode(source, adapters_on)
 

@@ -31,7 +31,7 @@ from .losses import (
     token_cross_entropy,
 )
 from .retriever import InstanceDenseRetriever, Retrieval, retrieve
-from .source import FieldTokens, Source, encode_by_length, joint_memory, make_source
+from .source import FieldTokens, Source, Tokens, encode_by_length, joint_memory, make_source, source_of_tokens
 
 
 class PHAModel(nn.Module):
@@ -110,6 +110,10 @@ class PHAModel(nn.Module):
     def source(self, texts: list[str]) -> Source:
         """Tokenised encoder input of `texts`, cut into fields when this model encodes them apart."""
         return make_source(self.backbone, texts, self.config.max_source_length, self.config.by_field).to(self.device)
+
+    def source_of(self, tokens: list[Tokens]) -> Source:
+        """`source` of inputs tokenised already (source.tokenize)."""
+        return source_of_tokens(self.backbone, tokens, self.config.max_source_length).to(self.device)
 
     def encode(self, source: Source, task_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """What the decoder reads, (memory [B, T, d], mask [B, T]): encoder states with the encoder adapters

@@ -92,19 +92,47 @@ class Source:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """One input tokenised ahead of its batch (the server does it once, off the model thread, where it checks
+    the input's length): the uncut token ids of each piece the model encodes (the whole text, or each field when
+    it encodes them apart), and `count`, the whole text's tokens, specials included."""
+
+    pieces: tuple[tuple[int, ...], ...]
+    count: int
+
+
+def tokenize(backbone, texts: list[str], by_field: bool) -> list[Tokens]:
+    """`texts` as `Tokens`: what `source_of_tokens` assembles into the batch `make_source` would give."""
+    pieces = [split_fields(t) if by_field else [t] for t in texts]
+    ids = iter(backbone.token_ids([p for ps in pieces for p in ps]))
+    per_text = [tuple(tuple(next(ids)) for _ in ps) for ps in pieces]
+    counts = backbone.count_tokens(texts) if by_field else [len(p[0]) for p in per_text]
+    return [Tokens(p, n) for p, n in zip(per_text, counts, strict=True)]
+
+
 def make_source(backbone, texts: list[str], max_length: int, by_field: bool) -> Source:
     """Tokenise `texts` (each field apart when `by_field`, each field cut at `max_length` tokens)."""
     pieces = [split_fields(t) if by_field else [t] for t in texts]
-    flat = [p for ps in pieces for p in ps]
-    enc = backbone.tokenize(flat, max_length)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    enc = backbone.tokenize([p for ps in pieces for p in ps], max_length)
+    return _assemble([len(ps) for ps in pieces], enc["input_ids"], enc["attention_mask"])
+
+
+def source_of_tokens(backbone, tokens: list[Tokens], max_length: int) -> Source:
+    """`make_source` of inputs tokenised already (`tokenize`): the same tensors, no tokenizer call."""
+    enc = backbone.pad_ids([list(p) for t in tokens for p in t.pieces], max_length)
+    return _assemble([len(t.pieces) for t in tokens], enc["input_ids"], enc["attention_mask"])
+
+
+def _assemble(n_pieces: list[int], ids: torch.Tensor, mask: torch.Tensor) -> Source:
+    """A Source from the padded tokens of every piece ([N, L], inputs' pieces in order; input i has n_pieces[i])."""
     width, lengths = ids.size(1), mask.sum(1).tolist()
     owner, tokens, slots, pairs = [], [], [], []
     row = 0
-    for i, ps in enumerate(pieces):
-        rows = list(range(row, row + len(ps)))
-        row += len(ps)
-        owner += [i] * len(ps)
+    for i, n in enumerate(n_pieces):
+        rows = list(range(row, row + n))
+        row += n
+        owner += [i] * n
         tokens.append(torch.cat([torch.arange(lengths[r]) + r * width for r in rows]))
         slots.append(rows)
         pairs.append(rows[-2:] if len(rows) >= 2 else [rows[0], rows[0]])
@@ -119,7 +147,7 @@ def make_source(backbone, texts: list[str], max_length: int, by_field: bool) -> 
         field_index=field_index,
         field_mask=field_mask,
         pair_index=torch.tensor(pairs),
-        has_pair=torch.tensor([len(ps) >= 2 for ps in pieces]),
+        has_pair=torch.tensor([n >= 2 for n in n_pieces]),
     )
 
 

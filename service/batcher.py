@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pha_core.source import Tokens
+
 from .errors import ServiceError
 
 log = logging.getLogger("pha.batcher")
@@ -55,6 +57,7 @@ class WorkItem:
     future: asyncio.Future[ItemResult]
     enqueued: float = field(default_factory=time.perf_counter)
     among: tuple[str | None, ...] | None = None  # route only among these task groups (templates), None: all
+    tokens: Tokens | None = None  # the text tokenised when its length was checked (None: the encoder pass does it)
 
     @property
     def live(self) -> bool:

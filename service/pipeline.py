@@ -22,6 +22,7 @@ import numpy as np
 from pha_core.calibration import RouteCalibration
 from pha_core.content import ContentBank
 from pha_core.inference import AdapterSet, Engine
+from pha_core.source import Tokens
 
 from .batcher import Handoff, ItemResult, ModelRunner, WorkItem
 from .cache import AdapterCache
@@ -107,7 +108,7 @@ class Pipeline:
         texts = [item.text for item in items]
         to_route = [i for i, item in enumerate(items) if item.task is None]
         start = time.perf_counter()
-        encoded = await self.runner(self.engine.encode, texts)
+        encoded = await self.runner(self.engine.encode, texts, True, _tokens(items))
         routes = await self.route(encoded.z[to_route], [items[i].among for i in to_route]) if to_route else []
         by_item = dict(zip(to_route, routes, strict=True))
         content = self._content_typicality(encoded.content, by_item)
@@ -245,7 +246,8 @@ class Pipeline:
         """The backbone without adapters (benchmark baseline): same batching, no routing, no adapters."""
         texts = [item.text for item in items]
         max_new = items[0].max_new_tokens
-        encoded, enc_s = await self.runner(lambda: timed(lambda: self.engine.encode(texts, adapters_on=False)))
+        tokens = _tokens(items)
+        encoded, enc_s = await self.runner(lambda: timed(lambda: self.engine.encode(texts, False, tokens)))
         # Two calls, handed off between them as _run_pha does: handed off before its one call ran, the next
         # batch would be collected at once, from a near-empty queue (batches of ~4 at c=32, measured).
         generating = self.runner.submit(lambda: timed(lambda: self.engine.generate_plain(encoded, max_new)))
@@ -256,6 +258,12 @@ class Pipeline:
         for item, output in zip(items, outputs, strict=True):
             if item.live:
                 item.future.set_result(ItemResult(output=output, task=None, routed=False))
+
+
+def _tokens(items: list[WorkItem]) -> list[Tokens] | None:
+    """The items' texts as the predictor tokenised them; None (the encoder pass tokenises) if one was not."""
+    tokens = [item.tokens for item in items]
+    return None if any(t is None for t in tokens) else tokens  # type: ignore[return-value]
 
 
 def _untypical(task: str, typicality: float | None, threshold: float, by_content: bool = False) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from pha_core.inference import Engine
+from pha_core.source import Tokens
 from pha_core.tasks import fill_template, template_fields
 
 from .batcher import ItemResult, MicroBatcher, WorkItem
@@ -48,22 +49,29 @@ class Predictor:
         if not request.backbone_only:
             self._check_task(request.task)
         texts, among = self._formatted(inputs, request.task)
-        # Tokenizing a large body takes milliseconds: off the event loop, and not on the model thread's queue.
+        # Tokenizing a large body takes milliseconds: off the event loop, and not on the model thread's queue,
+        # once (the encoder pass assembles these ids).
         cuts = [(text, 0, 0) for text in texts]
         if request.truncate:
-            cuts = await asyncio.to_thread(self.engine.truncate, texts, self.limits.model_max_tokens)
+            cuts, tokens = await asyncio.to_thread(self._cut, texts)
             texts = [text for text, _, _ in cuts]
         else:
-            self.limits.check_token_counts(await asyncio.to_thread(self.engine.count_tokens, texts))
+            tokens = await asyncio.to_thread(self.engine.tokenize, texts)
+            self.limits.check_token_counts([t.count for t in tokens])
         if request.task is None and not request.backbone_only:
             among = [
                 self._candidates(i, text) if a is None else a
                 for i, (text, a) in enumerate(zip(texts, among, strict=True))
             ]
-        results = await self._run(texts, among, request.task, max_new, request.backbone_only)
+        results = await self._run(texts, tokens, among, request.task, max_new, request.backbone_only)
         annotate(texts=len(texts), tasks=sorted({r.task or "-" for r in results}))
         predictions = [_prediction(r, tokens, chars) for r, (_, tokens, chars) in zip(results, cuts, strict=True)]
         return PredictResponse(predictions=predictions, model=self.engine.model_version)
+
+    def _cut(self, texts: list[str]) -> tuple[list[tuple[str, int, int]], list[Tokens]]:
+        """Each text cut to the model's window (`Engine.truncate`), and the cut texts tokenised."""
+        cuts = self.engine.truncate(texts, self.limits.model_max_tokens)
+        return cuts, self.engine.tokenize([text for text, _, _ in cuts])
 
     def _formatted(
         self, inputs: list[str | dict[str, str]], task: str | None
@@ -145,12 +153,18 @@ class Predictor:
             )
 
     async def _run(
-        self, texts: list[str], among: list[tuple[Group, ...] | None], task: str | None, max_new: int, plain: bool
+        self,
+        texts: list[str],
+        tokens: list[Tokens],
+        among: list[tuple[Group, ...] | None],
+        task: str | None,
+        max_new: int,
+        plain: bool,
     ) -> list[ItemResult]:
         loop = asyncio.get_running_loop()
         items = [
-            WorkItem(text, task, max_new, plain, loop.create_future(), among=candidates)
-            for text, candidates in zip(texts, among, strict=True)
+            WorkItem(text, task, max_new, plain, loop.create_future(), among=candidates, tokens=ids)
+            for text, ids, candidates in zip(texts, tokens, among, strict=True)
         ]
         for item in items:
             if item.among == ():  # written as no task's template: no task fits, and no model time is spent

@@ -1,5 +1,7 @@
 """The decoder's memory (pha_core.source): fields split at the catalogue's markers, encoded apart, assembled."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -88,3 +90,26 @@ def test_joint_encoding_reads_the_whole_text_as_one_sequence():
     fields_source = make_source(model.backbone, ["premise: a hypothesis: b"], 64, by_field=True)
     with pytest.raises(ValueError, match="joint"):
         model.encode(fields_source)
+
+
+@pytest.mark.parametrize("kind", ["minilm", "t5"])
+@pytest.mark.parametrize("by_field", [False, True])
+def test_inputs_tokenised_ahead_assemble_the_same_source(kind, by_field):
+    """The server tokenises once, off the model thread (source.tokenize), and the encoder pass assembles those
+    ids (source_of_tokens): the same tensors as tokenising in the pass, rows longer than the window included."""
+    from pha_core.source import source_of_tokens, tokenize
+
+    model = PHAModel(tiny_config(kind))
+    texts = [
+        "sentence: a fine film",
+        "premise: it rains hypothesis: the street is wet",
+        "sentence1: " + "many words here " * 30 + "sentence2: and a short one",
+        "no markers at all, " * 12,
+    ]
+    tokens = tokenize(model.backbone, texts, by_field)
+    assert [t.count for t in tokens] == model.backbone.count_tokens(texts)
+    assert max(len(p) for t in tokens for p in t.pieces) > 32  # some rows are cut below
+    ahead = source_of_tokens(model.backbone, tokens, 32)
+    inline = make_source(model.backbone, texts, 32, by_field)
+    for f in dataclasses.fields(inline):
+        assert torch.equal(getattr(ahead, f.name), getattr(inline, f.name)), f.name

@@ -157,3 +157,17 @@ def test_next_batch_is_collected_while_the_last_answer_runs(client, monkeypatch)
         assert first.result()["predictions"][0]["task"] == "sst2"
         assert second.result()["predictions"][0]["task"] == "rte"
     assert seen == [True], "the second batch was collected only after the first batch's answer had returned"
+
+
+def test_texts_are_tokenised_once_when_checked_not_again_on_the_model_thread(client, monkeypatch):
+    model = client.app.state.pha.engine.model
+
+    def tokenising_again(texts):
+        raise AssertionError(f"the encoder pass tokenised {texts!r} again")
+
+    monkeypatch.setattr(model, "source", tokenising_again)
+    routed = predict(client, inputs=[SST2, RTE])["predictions"]
+    assert [p["route"]["task"] for p in routed] == ["sst2", "rte"]
+    long = "sentence: " + "a gripping film " * 200
+    (cut,) = predict(client, inputs=long, truncate=True)["predictions"]
+    assert cut["truncated"]["tokens"] > 0
