@@ -68,8 +68,9 @@ class WorkItem:
 class ModelRunner:
     """Runs callables on the single model thread and awaits them from the event loop.
 
-    `busy_seconds` is the thread's time in calls so far: its rate is the model thread's utilisation (exported as
-    pha_model_busy_seconds_total), 1.0 when the server does nothing but model work."""
+    `busy_seconds` is the thread's time in the calls the event loop made (loading is not counted): its rate is
+    the model thread's utilisation (exported as pha_model_busy_seconds_total), 1.0 when the server does nothing
+    but model work."""
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pha-model")
@@ -95,7 +96,7 @@ class ModelRunner:
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the model thread and wait for it, outside any event loop (loading before serving)."""
-        return self._executor.submit(self._timed, functools.partial(fn, *args)).result()
+        return self._executor.submit(fn, *args).result()  # not counted as busy: loading is not serving
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
