@@ -248,8 +248,8 @@ class Pipeline:
         max_new = items[0].max_new_tokens
         tokens = _tokens(items)
         encoded, enc_s = await self.runner(lambda: timed(lambda: self.engine.encode(texts, False, tokens)))
-        # Two calls, handed off between them as _run_pha does: handed off before its one call ran, the next
-        # batch would be collected at once, from a near-empty queue (batches of ~4 at c=32, measured).
+        # Encode, then decode, handing off once the decode is queued, as _run_pha does (handed off before a single
+        # call had even run, the next batch was collected at once from a near-empty queue: batches of ~4 at c=32).
         generating = self.runner.submit(lambda: timed(lambda: self.engine.generate_plain(encoded, max_new)))
         handoff()
         outputs, gen_s = await generating

@@ -65,7 +65,7 @@ class Predictor:
             ]
         results = await self._run(texts, tokens, among, request.task, max_new, request.backbone_only)
         annotate(texts=len(texts), tasks=sorted({r.task or "-" for r in results}))
-        predictions = [_prediction(r, tokens, chars) for r, (_, tokens, chars) in zip(results, cuts, strict=True)]
+        predictions = [_prediction(r, lost, chars) for r, (_, lost, chars) in zip(results, cuts, strict=True)]
         return PredictResponse(predictions=predictions, model=self.engine.model_version)
 
     def _cut(self, texts: list[str]) -> tuple[list[tuple[str, int, int]], list[Tokens]]:
