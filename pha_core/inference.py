@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch import nn
 
 from .adapters import AdapterWeights
 from .content import content_layer, content_vectors
 from .model import PHAModel
 from .precision import autocast, serve_in
-from .scoring import AnswerSpace, Scored, candidate_ids, rank, read_both_orders
+from .scoring import AnswerSpace, Scored, candidate_ids, mean_of_readings, rank, second_readings
 from .source import Tokens, tokenize
 
 # Answer spaces whose token ids are kept (a few label words each); beyond it the cache starts again.
@@ -185,12 +186,10 @@ class Engine:
     def adapters_for_prototype(self, prototype: np.ndarray) -> AdapterSet:
         return prototype_adapters(self.model, prototype)
 
-    def _gather(self, encoded: Encoded, adapter_sets: list[AdapterSet]) -> list[AdapterWeights]:
-        """Per-example adapter weights of a batch (the same set object may repeat: it is gathered once). Rows
-        that each have a set of their own, in order, need no index; one row (one request at a time) takes its
-        set's tensors as they are: no copy."""
-        if len(adapter_sets) != len(encoded):
-            raise ValueError(f"{len(encoded)} inputs but {len(adapter_sets)} adapter sets")
+    def _gather(self, adapter_sets: list[AdapterSet]) -> list[AdapterWeights]:
+        """Per-row adapter weights of a batch (the same set object may repeat: it is gathered once). Rows that
+        each have a set of their own, in order, need no index; one row (one request at a time) takes its set's
+        tensors as they are: no copy."""
         unique: dict[int, int] = {}
         order = [unique.setdefault(id(s), len(unique)) for s in adapter_sets]
         distinct = list({id(s): s for s in adapter_sets}.values())
@@ -208,7 +207,7 @@ class Engine:
         """Greedy outputs, one adapter set per example."""
         with self._precision():
             ids = self.model.greedy_decode(
-                encoded.hidden, encoded.mask, self._gather(encoded, adapter_sets), max_new_tokens
+                encoded.hidden, encoded.mask, self._gather(_one_each(encoded, adapter_sets)), max_new_tokens
             )
         return [self.backbone.decode_text(row) for row in ids]
 
@@ -223,7 +222,9 @@ class Engine:
     ) -> list[Scored]:
         """Each example's answer: rank classification within its answer space (scoring.py) where it has one,
         greedy generation (no probabilities) where it has none. One decoder pass for each of the two kinds.
-        `texts` (the encoded inputs): spaces that read both field orders (STS-B) read them; None: as written."""
+        `texts` (the encoded inputs): spaces that read both field orders (STS-B) read them, the other order
+        encoded here and scored in the same pass as the batch; None: as written."""
+        _one_each(encoded, adapter_sets)
         if len(spaces) != len(encoded):
             raise ValueError(f"{len(encoded)} inputs but {len(spaces)} answer spaces")
         with self._tokenizer_lock:
@@ -231,35 +232,39 @@ class Engine:
                 if len(self._ids_of) >= MAX_CACHED_SPACES:
                     self._ids_of.clear()
                 self._ids_of[space] = candidate_ids(self.backbone, space)
-        layers = self._gather(encoded, adapter_sets)
-        results: list[Scored] = [None] * len(encoded)  # type: ignore[list-item]
+        rows, swapped = second_readings(spaces, texts) if texts is not None else ([], [])
+        hidden, mask = encoded.hidden, encoded.mask
+        if rows:  # the other order of those rows, as extra rows of the same pass (their adapters, their spaces)
+            hidden, mask = _stacked((hidden, mask), self._encode_plain(swapped))
+        every = list(range(len(encoded))) + rows
+        layers = self._gather([adapter_sets[i] for i in every])
+        scored = self._score(hidden, mask, layers, [spaces[i] for i in every], max_new_tokens)
+        return mean_of_readings(spaces, scored[: len(encoded)], rows, scored[len(encoded) :])
+
+    def _score(self, hidden, mask, layers, spaces: list[AnswerSpace | None], max_new_tokens: int) -> list[Scored]:
+        """Rank-classified rows in one pass, generated rows in another."""
+        results: list[Scored] = [None] * len(spaces)  # type: ignore[list-item]
         ranked = [i for i, s in enumerate(spaces) if s is not None]
         free = [i for i, s in enumerate(spaces) if s is None]
         for rows, scorer in ((ranked, self._rank), (free, self._generate_scored)):
             if not rows:
                 continue
-            hidden, mask, part = encoded.hidden, encoded.mask, layers
-            if len(rows) < len(encoded):  # both kinds in one batch (rare): each its own rows
+            h, m, part = hidden, mask, layers
+            if len(rows) < len(spaces):  # both kinds in one batch (rare): each its own rows
                 index = torch.tensor(rows, device=self.model.device)
-                hidden, mask = hidden.index_select(0, index), mask.index_select(0, index)
+                h, m = hidden.index_select(0, index), mask.index_select(0, index)
                 part = [w.index_select(index) for w in layers]
             with self._precision():
-                scored = scorer(hidden, mask, part, [spaces[i] for i in rows], max_new_tokens)
-            for i, one in zip(rows, scored, strict=True):
-                results[i] = one
-        if texts is None:
-            return results
-        return read_both_orders(spaces, texts, results, lambda rows, swapped: self._read(rows, swapped, layers, spaces))
+                for i, one in zip(rows, scorer(h, m, part, [spaces[i] for i in rows], max_new_tokens), strict=True):
+                    results[i] = one
+        return results
 
-    def _read(self, rows: list[int], texts: list[str], layers, spaces) -> list[Scored]:
-        """`texts` answered as the batch's rows `rows` are (their adapters and spaces): the other field order."""
+    def _encode_plain(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's memory of `texts` (no retriever, no content states): for a second reading."""
         with self._tokenizer_lock:
             source = self.model.source(texts)
-        index = torch.tensor(rows, device=self.model.device)
         with self._precision():
-            hidden, mask = self.model.encode(source)
-            part = [w.index_select(index) for w in layers]
-            return rank(self.model, hidden, mask, part, [spaces[i] for i in rows], self._ids_of)
+            return self.model.encode(source)
 
     def _rank(self, hidden, mask, layers, spaces, _max_new_tokens) -> list[Scored]:
         return rank(self.model, hidden, mask, layers, spaces, self._ids_of)
@@ -274,6 +279,20 @@ class Engine:
         with self.model.adapter_switch.off(), self._precision():
             ids = self.model.greedy_decode(encoded.hidden, encoded.mask, None, max_new_tokens)
         return [self.backbone.decode_text(row) for row in ids]
+
+
+def _one_each(encoded: Encoded, adapter_sets: list[AdapterSet]) -> list[AdapterSet]:
+    if len(adapter_sets) != len(encoded):
+        raise ValueError(f"{len(encoded)} inputs but {len(adapter_sets)} adapter sets")
+    return adapter_sets
+
+
+def _stacked(*parts: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Memories [B_i, T_i, d] and masks [B_i, T_i] as one batch, padded to the longest T (mask 0 there)."""
+    width = max(h.size(1) for h, _ in parts)
+    hidden = torch.cat([nn.functional.pad(h, (0, 0, 0, width - h.size(1))) for h, _ in parts])
+    mask = torch.cat([nn.functional.pad(m, (0, width - m.size(1))) for _, m in parts])
+    return hidden, mask
 
 
 def fingerprint(model: PHAModel) -> str:

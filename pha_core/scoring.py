@@ -414,25 +414,37 @@ def other_order(space: AnswerSpace | None, text: str) -> str | None:
     return None if swapped == text else swapped
 
 
-def read_both_orders(
-    spaces: Sequence[AnswerSpace | None],
-    texts: Sequence[str],
-    answers: Sequence[Scored],
-    read: Callable[[list[int], list[str]], list[Scored]],
-) -> list[Scored]:
-    """`answers` (each row read as written), with the rows whose space reads both orders (BOTH_ORDERS) answered
-    by the mean of both readings. `read(rows, texts)` answers `texts` as the rows `rows` would be answered (their
-    adapters, their spaces): the caller's encoder, so training-time evaluation and serving share this rule."""
+def second_readings(spaces: Sequence[AnswerSpace | None], texts: Sequence[str]) -> tuple[list[int], list[str]]:
+    """The rows whose space reads both orders (BOTH_ORDERS), and their texts in the other order."""
     rows, swapped = [], []
     for i, (space, text) in enumerate(zip(spaces, texts, strict=True)):
         other = other_order(space, text)
         if other is not None:
             rows.append(i)
             swapped.append(other)
-    if not rows:
-        return list(answers)
+    return rows, swapped
+
+
+def mean_of_readings(
+    spaces: Sequence[AnswerSpace | None], answers: Sequence[Scored], rows: list[int], seconds: Sequence[Scored]
+) -> list[Scored]:
+    """`answers`, with row rows[j] answered by the mean of its two readings' probabilities (seconds[j] the other
+    order's): the one rule of the second reading, in evaluation and serving alike."""
     out = list(answers)
-    for i, second in zip(rows, read(rows, swapped), strict=True):
+    for i, second in zip(rows, seconds, strict=True):
         first, space = out[i], spaces[i]
         out[i] = _from_table(space, {w: (first.probabilities[w] + second.probabilities[w]) / 2 for w in space.words})
     return out
+
+
+def read_both_orders(
+    spaces: Sequence[AnswerSpace | None],
+    texts: Sequence[str],
+    answers: Sequence[Scored],
+    read: Callable[[list[int], list[str]], list[Scored]],
+) -> list[Scored]:
+    """`answers` (each row read as written), with the rows whose space reads both orders answered by the mean of
+    both readings. `read(rows, texts)` answers `texts` as the rows `rows` would be answered (their adapters,
+    their spaces): the caller's encoder. (The server's engine scores both readings in one pass instead.)"""
+    rows, swapped = second_readings(spaces, texts)
+    return mean_of_readings(spaces, answers, rows, read(rows, swapped) if rows else [])

@@ -288,6 +288,12 @@ def test_both_orders_answer_is_the_mean_of_the_two_readings_in_serving_and_evalu
         assert served[0].probabilities[word] == pytest.approx(p, abs=1e-7)
     assert served[1] == one_order[1]
     assert predict_examples(model, rows)["given"][0] == served[0].output
+    # The second reading rides in the batch's pass as an extra row: it must take its own row's adapters and space
+    # wherever that row sits in the batch.
+    backwards = engine.answer(engine.encode(texts[::-1]), sets[::-1], spaces[::-1], 4, texts[::-1])
+    assert backwards[1].output == served[0].output and backwards[0].output == served[1].output
+    for word, p in mean.items():
+        assert backwards[1].probabilities[word] == pytest.approx(p, abs=1e-7)
 
 
 def _expectation(table: dict[str, float]) -> float:
