@@ -204,6 +204,9 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
+BUSY = "pha_model_busy_seconds_total"  # the model thread's time in calls (service/telemetry.py)
+
+
 def scrape(base: str) -> dict[str, float]:
     """Sums and counts of the server's batch and phase histograms, its model thread's busy seconds, and when."""
     out: dict[str, float] = {}
@@ -217,9 +220,6 @@ def scrape(base: str) -> dict[str, float]:
                 out[BUSY] = s.value
     out["at"] = time.perf_counter()
     return out
-
-
-BUSY = "pha_model_busy_seconds_total"
 
 
 def server_side(before: dict[str, float], after: dict[str, float]) -> dict:

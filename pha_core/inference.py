@@ -207,7 +207,7 @@ class Engine:
         """Greedy outputs, one adapter set per example."""
         with self._precision():
             ids = self.model.greedy_decode(
-                encoded.hidden, encoded.mask, self._gather(_one_each(encoded, adapter_sets)), max_new_tokens
+                encoded.hidden, encoded.mask, self._gather(_one_set_each(encoded, adapter_sets)), max_new_tokens
             )
         return [self.backbone.decode_text(row) for row in ids]
 
@@ -224,7 +224,7 @@ class Engine:
         greedy generation (no probabilities) where it has none. One decoder pass for each of the two kinds.
         `texts` (the encoded inputs): spaces that read both field orders (STS-B) read them, the other order
         encoded here and scored in the same pass as the batch; None: as written."""
-        _one_each(encoded, adapter_sets)
+        _one_set_each(encoded, adapter_sets)
         if len(spaces) != len(encoded):
             raise ValueError(f"{len(encoded)} inputs but {len(spaces)} answer spaces")
         with self._tokenizer_lock:
@@ -281,7 +281,8 @@ class Engine:
         return [self.backbone.decode_text(row) for row in ids]
 
 
-def _one_each(encoded: Encoded, adapter_sets: list[AdapterSet]) -> list[AdapterSet]:
+def _one_set_each(encoded: Encoded, adapter_sets: list[AdapterSet]) -> list[AdapterSet]:
+    """`adapter_sets`, checked to hold one set per encoded input."""
     if len(adapter_sets) != len(encoded):
         raise ValueError(f"{len(encoded)} inputs but {len(adapter_sets)} adapter sets")
     return adapter_sets

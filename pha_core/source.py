@@ -120,7 +120,7 @@ def make_source(backbone, texts: list[str], max_length: int, by_field: bool) -> 
 
 def source_of_tokens(backbone, tokens: list[Tokens], max_length: int) -> Source:
     """`make_source` of inputs tokenised already (`tokenize`): the same tensors, no tokenizer call."""
-    enc = backbone.pad_ids([list(p) for t in tokens for p in t.pieces], max_length)
+    enc = backbone.pad_ids([p for t in tokens for p in t.pieces], max_length)
     return _assemble([len(t.pieces) for t in tokens], enc["input_ids"], enc["attention_mask"])
 
 
