@@ -73,7 +73,8 @@ def one_run(variant: str, seed: int, args: argparse.Namespace) -> tuple[dict, Tr
             log_every=args.eval_every,
         )
         started = time.perf_counter()
-        backbone = BackboneConfig(decoder_trainable=args.decoder_trainable)
+        init = {"decoder_init": args.decoder_init} if args.decoder_init else {}  # unset: the shipped decoder
+        backbone = BackboneConfig(decoder_trainable=args.decoder_trainable, **init)
         encoding = {"encoding": args.encoding} if args.encoding else {}  # unset: the config's default
         model_cfg = PHAConfig(variant=variant, backbone=backbone, **encoding)
         trainer = Trainer(cfg, model_cfg, progress=False)
@@ -157,6 +158,7 @@ def main() -> int:
     p.add_argument("--max-val", type=int, default=200, help="validation rows per task for model selection")
     p.add_argument("--decoder-trainable", choices=["none", "cross_attention", "all"], default=None)
     p.add_argument("--encoding", choices=["fields", "joint"], default=None)
+    p.add_argument("--decoder-init", default=None, help="a `pha pretrain` decoder file or folder (default: shipped)")
     p.add_argument("--no-baselines", action="store_true", help="skip the majority and probe rows")
     p.add_argument("--device", default="auto")
     p.add_argument("--deadline", type=float, default=None, help="seconds after which no new run starts")

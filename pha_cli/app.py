@@ -75,7 +75,8 @@ _recipe_command(
 _recipe_command(
     "pretrain",
     commands.pretrain,
-    "Pre-train the MiniLM decoder to read its encoder: span corruption on unlabelled text (pha_core/pretrain.py).",
+    "Pre-train the MiniLM decoder to read its encoder: span corruption on unlabelled text, optionally with "
+    "similarity rows and a start-state readout distilled from the frozen encoder (pha_core/pretrain.py).",
     PretrainConfig,
     RESUME,
 )

@@ -1,4 +1,4 @@
-"""Pre-training the warm-started decoder to read its frozen encoder (T5-style span corruption).
+"""Pre-training the warm-started decoder to read its frozen encoder (T5-style span corruption, then distillation).
 
 PHA assumes a pre-trained encoder-decoder whose decoder already knows how to read the encoder (T5); only the PHA
 parts then learn from the labelled examples. No such checkpoint exists for an encoder-only model like
@@ -13,6 +13,20 @@ so it works for every BERT-family tokenizer; spans come back in order, so one se
 the *training* splits' inputs of the tasks below, formatted with their field names (what the encoder reads in
 PHA training) and never a validation or test row; MNLI (its stand-in train split is carved from
 dev_matched) and BoolQ (only a validation file exists) are left out so no later split can meet a pre-training row.
+
+A second stage (session 23, what the shipped decoder went through) teaches the decoder what the encoder knows,
+without a label; two options, 0 by default, which is T5's recipe alone:
+
+- similarity rows (`similarity_share` of each batch): a two-field training row (sentence pair, question and
+  answer, premise and hypothesis), half the time with its second field swapped for another row's, written in
+  its task's template as PHA reads it; the target is the frozen encoder's own cosine of the two fields embedded
+  apart (mean-pooled, as sentence-transformers pools), clipped to [0, 1] and written on STS-B's 0-5 scale in
+  steps of 0.2 ("3.8"). The encoder was trained to make that cosine good; the decoder reads the pair jointly
+  and, without this, meets the skill only through a task's labelled rows;
+- the start-state readout (`embedding_weight`): a linear map, trained alongside and then dropped, from the
+  decoder's state after its start token (the state rank scoring reads labels from) to the encoder's mean-pooled
+  embedding of the text it read (loss 1 - cosine): that state must carry the sentence embedding, which a
+  linear probe on the frozen encoder shows to be what a few labelled rows can be read from.
 
 The result is only the decoder's tensors (fp16, ~10 MB for 2 layers), written as `decoder.safetensors` with
 `pretrain.json` (recipe, loss history, encoder fingerprint) beside it; `BackboneConfig.decoder_init` loads it.
@@ -140,6 +154,28 @@ def span_corruption(
     return source, target
 
 
+def pretrain_pairs(cfg: PretrainConfig) -> list[tuple[str, str, str]]:
+    """(template, first field, second field) of every two-field training row of `cfg.tasks` (split seed 42)."""
+    from .data import data_dir_from_env, load_splits
+    from .tasks import TASKS
+
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else data_dir_from_env()
+    splits = load_splits(cfg.tasks, data_dir, seed=SPLIT_SEED)
+    return [
+        (TASKS[task].template, *e.fields)
+        for task in cfg.tasks
+        for e in splits[task]["train"]
+        if len(e.fields) == 2 and all(e.fields)
+    ]
+
+
+def similarity_target(cosine: float) -> str:
+    """The encoder's cosine of two fields as a similarity word: clipped to [0, 1], on STS-B's 0-5 scale."""
+    from .tasks import TASKS
+
+    return TASKS["stsb"].target(round(5.0 * min(1.0, max(0.0, cosine)), 6))
+
+
 def pretrain_texts(cfg: PretrainConfig) -> list[str]:
     """The lines of `cfg.text_file`, or the training splits' inputs of `cfg.tasks` (split seed 42)."""
     from .data import data_dir_from_env, load_splits
@@ -188,7 +224,22 @@ class Pretrainer:
             raise PretrainError(f"no training text in {cfg.text_file or cfg.tasks}")
         body = cfg.max_source_length - 2  # room for [CLS] and [SEP]
         self.rows = [ids[:body] for ids in tok(texts, add_special_tokens=False, truncation=False).input_ids if ids]
+        self.pairs: dict[str, list[tuple[str, str]]] = {}  # template -> its rows' (first, second) fields
+        if cfg.similarity_share > 0:
+            if cfg.text_file:
+                raise PretrainError("similarity rows need the tasks' two-field rows: drop text_file or the share")
+            for template, first, second in pretrain_pairs(cfg):
+                self.pairs.setdefault(template, []).append((first, second))
+            if not self.pairs:
+                raise PretrainError(f"no two-field training rows in {cfg.tasks} for similarity rows")
+        self.n_similarity = round(cfg.batch_size * cfg.similarity_share)
+        # The start-state readout (embedding_weight > 0): a linear map from the decoder's state after its start
+        # token, the state rank scoring reads, to the encoder's mean-pooled embedding of what it read. Trained
+        # with the decoder and dropped after: it only asks that state to carry the sentence embedding.
+        width = self.backbone.encoder.config.hidden_size
+        self.readout = torch.nn.Linear(width, width).to(self.device) if cfg.embedding_weight > 0 else None
         self.params = [p for p in self.backbone.parameters() if p.requires_grad]
+        self.params += list(self.readout.parameters()) if self.readout is not None else []
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, cfg.warmup_steps, cfg.steps)
         self.step = 0
@@ -203,12 +254,56 @@ class Pretrainer:
         rng = random.Random(f"pha-pretrain:{self.cfg.seed}:{step}")  # noqa: S311 (seeded corruption)
         tok = self.backbone.tokenizer
         pairs = []
-        for i in rng.sample(range(len(self.rows)), min(self.cfg.batch_size, len(self.rows))):
+        n_spans = self.cfg.batch_size - self.n_similarity
+        for i in rng.sample(range(len(self.rows)), min(n_spans, len(self.rows))):
             source, target = span_corruption(
                 self.rows[i], rng, tok.mask_token_id, self.cfg.noise_density, self.cfg.mean_span
             )
             pairs.append(([tok.cls_token_id, *source, tok.sep_token_id], [*target, self.backbone.eos_token_id]))
         return pairs
+
+    def similarity_rows(self, step: int) -> list[tuple[str, str, str]]:
+        """`step`'s (template, first, second) rows; half of them with the second field of another row of the same
+        template, so the targets span the scale (a task's own pairs are mostly related)."""
+        if not self.pairs:
+            return []
+        rng = random.Random(f"pha-pretrain-similarity:{self.cfg.seed}:{step}")  # noqa: S311
+        templates = sorted(self.pairs)
+        weights = [len(self.pairs[t]) for t in templates]
+        rows = []
+        for template in rng.choices(templates, weights=weights, k=self.n_similarity):
+            first, second = rng.choice(self.pairs[template])
+            if rng.random() < 0.5:
+                second = rng.choice(self.pairs[template])[1]
+            rows.append((template, first, second))
+        return rows
+
+    @torch.no_grad()
+    def teacher_cosines(self, firsts: list[str], seconds: list[str]) -> list[float]:
+        """The frozen encoder's cosine of each two fields, embedded apart and mean-pooled (its own use)."""
+        tok = self.backbone.tokenizer
+        enc = tok(
+            firsts + seconds, padding=True, truncation=True, max_length=self.cfg.max_source_length, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.backbone.encode(enc["input_ids"], enc["attention_mask"]).float()
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        n = len(firsts)
+        return (pooled[:n] * pooled[n:]).sum(-1).tolist()
+
+    def similarity_batch(self, step: int) -> list[tuple[list[int], list[int]]]:
+        """(source, target) ids of `step`'s similarity rows: the joint text, the encoder's similarity word."""
+        from .tasks import fill_template, template_fields
+
+        rows = self.similarity_rows(step)
+        if not rows:
+            return []
+        tok = self.backbone.tokenizer
+        cosines = self.teacher_cosines([r[1] for r in rows], [r[2] for r in rows])
+        texts = [fill_template(t, dict(zip(template_fields(t), (a, b), strict=True))) for t, a, b in rows]
+        sources = tok(texts, truncation=True, max_length=self.cfg.max_source_length).input_ids
+        targets = tok([similarity_target(c) for c in cosines], add_special_tokens=False).input_ids
+        return [(s, [*t, self.backbone.eos_token_id]) for s, t in zip(sources, targets, strict=True)]
 
     def _tensors(self, pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         bb = self.backbone
@@ -228,24 +323,47 @@ class Pretrainer:
         return {k: v.to(self.device) for k, v in tensors.items()}
 
     # --------------------------------------------------------------------------------------- step
+    def _losses(
+        self, pairs: list[tuple[list[int], list[int]]]
+    ) -> tuple[torch.Tensor | float, int, torch.Tensor | float]:
+        """Summed token CE of the decoder writing each target from its source, the number of tokens, and the
+        summed start-state readout loss (1 - cosine to the sentence embedding; 0 without a readout)."""
+        ce_sum, n_tokens, readout_sum = 0.0, 0, 0.0
+        for bucket in length_buckets([len(s) for s, _ in pairs], self.cfg.token_budget):
+            t = self._tensors([pairs[i] for i in bucket])
+            with torch.no_grad():  # the encoder is frozen: no graph, no backward through it
+                hidden = self.backbone.encode(t["ids"], t["mask"]).float()
+            states, _ = self.backbone.decode_states(t["dec_in"], hidden, t["mask"])
+            ce_sum = ce_sum + token_cross_entropy(self.backbone.lm_head(states), t["labels"], reduction="sum")
+            n_tokens += int((t["labels"] != -100).sum())
+            if self.readout is not None:
+                mask = t["mask"].unsqueeze(-1).float()
+                embedding = (hidden * mask).sum(1) / mask.sum(1)
+                guess = self.readout(states[:, 0].float())
+                readout_sum = readout_sum + (1 - torch.nn.functional.cosine_similarity(guess, embedding)).sum()
+        return ce_sum, n_tokens, readout_sum
+
     def train_step(self, step: int) -> dict[str, float]:
-        pairs = self.batch(step)
-        ce_sum, n_tokens = 0.0, 0
         with autocast(self.precision, self.device):
-            for bucket in length_buckets([len(s) for s, _ in pairs], self.cfg.token_budget):
-                t = self._tensors([pairs[i] for i in bucket])
-                with torch.no_grad():  # the encoder is frozen: no graph, no backward through it
-                    hidden = self.backbone.encode(t["ids"], t["mask"]).float()
-                logits, _ = self.backbone.decode(t["dec_in"], hidden, t["mask"])
-                ce_sum = ce_sum + token_cross_entropy(logits, t["labels"], reduction="sum")
-                n_tokens += int((t["labels"] != -100).sum())
-        loss = ce_sum / max(1, n_tokens)
-        loss.backward()
+            spans = self.batch(step)
+            span_ce, span_tokens, span_readout = self._losses(spans)
+            similarity = self.similarity_batch(step)
+            sim_ce, sim_tokens, sim_readout = self._losses(similarity) if similarity else (0.0, 0, 0.0)
+        n_tokens = span_tokens + sim_tokens
+        loss = (span_ce + sim_ce) / max(1, n_tokens)
+        readout = (span_readout + sim_readout) / (len(spans) + len(similarity))
+        (loss + self.cfg.embedding_weight * readout).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "target_tokens": n_tokens}
+        row = {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "target_tokens": n_tokens}
+        if self.readout is not None:
+            row["readout_loss"] = float(torch.as_tensor(readout).detach())
+        if similarity:
+            row["span_loss"] = float(torch.as_tensor(span_ce).detach()) / max(1, span_tokens)
+            row["similarity_loss"] = float(torch.as_tensor(sim_ce).detach()) / max(1, sim_tokens)
+        return row
 
     def run(self, until: int | None = None) -> dict[str, Any]:
         """Train to `cfg.steps` (or stop after step `until`, saved, as an interrupted run would be)."""
@@ -287,9 +405,10 @@ class Pretrainer:
         write_atomic(self.output / DECODER_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         recent = self.history[-max(1, len(self.history) // 10) :]
         summary = {
-            "recipe": asdict(self.cfg) | {"output": Path(self.cfg.output).name, "data_dir": None},
+            "recipe": asdict(self.cfg) | {"output": Path(self.cfg.output).name, "data_dir": None} | self._start(),
             "steps_done": self.step,
             "rows": len(self.rows),
+            "similarity_pairs": sum(len(rows) for rows in self.pairs.values()),
             "encoder_fingerprint": fingerprint,
             "precision": self.precision,
             "first_loss": self.history[0]["loss"] if self.history else math.nan,
@@ -305,13 +424,22 @@ class Pretrainer:
             "history": json.dumps(self.history),
             "rng": torch.get_rng_state(),  # decoder dropout: a resumed run draws the masks it would have
         }
+        if self.readout is not None:
+            state["readout"] = self.readout.state_dict()
         write_atomic(self.output / TRAINER_FILE, lambda tmp: torch.save(state, tmp))
+
+    def _start(self) -> dict[str, str | None]:
+        """Where the decoder started, without the machine's folders (pretrain.json ships)."""
+        start = self.cfg.init_from
+        return {"init_from": f"{Path(start).parent.name}/{Path(start).name}" if start else None}
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.backbone.load_decoder_state(state["decoder"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        if self.readout is not None:
+            self.readout.load_state_dict(state["readout"])
         self.history = json.loads(state["history"])
         if "rng" in state:  # states written before the RNG was saved resume with a fresh dropout stream
             torch.set_rng_state(state["rng"])

@@ -126,6 +126,19 @@ class PretrainConfig:
     warmup_steps: int = knob(500, doc="linear warm-up steps")
     noise_density: float = knob(0.15, doc="share of tokens corrupted, as T5")
     mean_span: float = knob(3.0, doc="mean corrupted span length, as T5")
+    # 0 is T5's recipe. A share > 0 also teaches the decoder to read what the frozen encoder knows of a pair
+    # (pretrain.py, "similarity rows"): the skill the pair tasks need and 100 labelled rows cannot teach.
+    similarity_share: float = knob(
+        0.0, doc="share of each batch that are two-field rows whose target is the encoder's similarity of the fields"
+    )
+    # 0 is T5's recipe. A weight > 0 asks the state after the start token (what rank scoring reads) to carry the
+    # encoder's sentence embedding of the input (pretrain.py, "start-state readout").
+    embedding_weight: float = knob(
+        0.0, doc="weight of the loss tying the decoder's start state to the sentence embedding"
+    )
+    init_from: str | None = knob(
+        None, doc="start the decoder from this `pha pretrain` decoder.safetensors (or its folder), not warm"
+    )
     # The PHA source length, so cross-attention sees every position it will.
     max_source_length: int = knob(256, doc="input tokens kept")
     # No backward pass runs through the encoder, so its buckets can be larger than training's.
@@ -148,6 +161,10 @@ class PretrainConfig:
             raise ValueError(f"mean_span must be >= 1, got {self.mean_span}")
         if self.max_source_length < 8:
             raise ValueError(f"max_source_length must be >= 8, got {self.max_source_length}")
+        if self.embedding_weight < 0:
+            raise ValueError(f"embedding_weight must be >= 0, got {self.embedding_weight}")
+        if not 0.0 <= self.similarity_share <= 1.0:
+            raise ValueError(f"similarity_share must be in [0, 1], got {self.similarity_share}")
 
     def backbone(self) -> BackboneConfig:
         return BackboneConfig(
@@ -155,5 +172,5 @@ class PretrainConfig:
             name=self.encoder,
             decoder_layers=self.decoder_layers,
             decoder_trainable="all",
-            decoder_init="warm_start",
+            decoder_init=self.init_from or "warm_start",
         )

@@ -1,5 +1,6 @@
 """Decoder pre-training (pha_core.pretrain): the span-corruption objective, resuming, and loading the result."""
 
+import dataclasses
 import json
 import random
 
@@ -16,8 +17,10 @@ from pha_core.pretrain import (
     Pretrainer,
     PretrainError,
     shipped_decoder,
+    similarity_target,
     span_corruption,
 )
+from pha_core.scoring import STSB_BINS
 
 MASK = 103
 
@@ -49,6 +52,8 @@ def test_span_corruption_leaves_one_token_alone():
 def test_config_refuses_bad_values():
     with pytest.raises(ValueError, match="noise_density"):
         PretrainConfig(noise_density=1.5)
+    with pytest.raises(ValueError, match="similarity_share"):
+        PretrainConfig(similarity_share=1.5)
     with pytest.raises(ValueError, match="steps"):
         PretrainConfig(steps=0)
 
@@ -118,3 +123,64 @@ def test_default_backbone_starts_from_the_shipped_pretrained_decoder():
     assert state.keys() == tensors.keys()
     assert all(torch.equal(state[k].half(), tensors[k]) for k in tensors)
     assert BackboneConfig(decoder_layers=3).decoder_init == "warm_start"  # none ships for 3 layers
+
+
+# 0.5 is 2.5 on the 0-5 scale, half-way between two bins: ties go up, as STS-B's own targets do.
+@pytest.mark.parametrize(
+    ("cosine", "word"),
+    [
+        (-0.4, "0.0"),
+        (0.0, "0.0"),
+        (0.05, "0.2"),
+        (0.48, "2.4"),
+        (0.5, "2.6"),
+        (0.77, "3.8"),
+        (0.99, "5.0"),
+        (1.3, "5.0"),
+    ],
+)
+def test_similarity_target_writes_the_cosine_on_stsb_scale(cosine, word):
+    assert similarity_target(cosine) == word
+    assert word in STSB_BINS
+
+
+@pytest.mark.pretrained
+@pytest.mark.data
+def test_similarity_rows_read_two_fields_in_their_template_with_the_encoders_cosine(data_dir, tmp_path):
+    cfg = PretrainConfig(
+        tasks=["stsb", "cola"], data_dir=str(data_dir), similarity_share=0.5, batch_size=8, output=str(tmp_path)
+    )
+    trainer = Pretrainer(cfg, progress=False)
+    assert list(trainer.pairs) == ["sentence1: {sentence1} sentence2: {sentence2}"]  # CoLA has one field
+    rows = trainer.similarity_rows(3)
+    assert len(rows) == 4 and rows == trainer.similarity_rows(3)  # a pure function of the step
+    same = trainer.teacher_cosines([rows[0][1]], [rows[0][1]])[0]
+    assert same == pytest.approx(1.0, abs=1e-2)
+    tok = trainer.backbone.tokenizer
+    for (source, target), (_, first, _) in zip(trainer.similarity_batch(3), rows, strict=True):
+        text = tok.decode(source)
+        assert text.startswith("[CLS] sentence1") and " sentence2 : " in text  # the joint text PHA reads
+        start = 1 + len(tok("sentence1:", add_special_tokens=False).input_ids)  # after [CLS] and the field name
+        assert tok(first, add_special_tokens=False).input_ids[:3] == source[start : start + 3]
+        assert target[-1] == trainer.backbone.eos_token_id
+        assert tok.decode(target[:-1]).replace(" ", "") in STSB_BINS
+    step = trainer.train_step(0)
+    assert step["similarity_loss"] > 0 and step["span_loss"] > 0
+    assert "readout_loss" not in step  # no start-state readout unless asked for
+
+
+@pytest.mark.pretrained
+def test_the_start_state_readout_trains_resumes_and_never_ships(corpus, tmp_path):
+    cfg = dataclasses.replace(_cfg(corpus, tmp_path, 2), embedding_weight=1.0)
+    first = Pretrainer(cfg, progress=False)
+    before = first.readout.weight.detach().clone()
+    row = first.train_step(0)  # the warm-up's first step has a rate of 0
+    assert 0 < row["readout_loss"] <= 2  # 1 - cosine
+    first.train_step(1)
+    assert not torch.equal(first.readout.weight, before)  # it learns with the decoder
+    first.step = 2
+    first.save()
+    resumed = Pretrainer(cfg, resume=True, progress=False)
+    assert torch.equal(resumed.readout.weight, first.readout.weight)
+    shipped = load_file(str(tmp_path / DECODER_FILE))
+    assert shipped.keys() == first.backbone.decoder_state().keys()  # the readout is not a decoder tensor
