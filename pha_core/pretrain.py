@@ -55,6 +55,7 @@ from .files import write_atomic
 from .losses import token_cross_entropy
 from .precision import autocast, resolve_precision
 from .recipes import PretrainConfig
+from .retriever import masked_mean
 from .runtime import resolve_device
 
 DECODER_FILE = "decoder.safetensors"
@@ -232,6 +233,9 @@ class Pretrainer:
                 self.pairs.setdefault(template, []).append((first, second))
             if not self.pairs:
                 raise PretrainError(f"no two-field training rows in {cfg.tasks} for similarity rows")
+        # A template is drawn in proportion to its rows, then one of its rows.
+        self.templates = sorted(self.pairs)
+        self.template_weights = [len(self.pairs[t]) for t in self.templates]
         self.n_similarity = round(cfg.batch_size * cfg.similarity_share)
         # The start-state readout (embedding_weight > 0): a linear map from the decoder's state after its start
         # token, the state rank scoring reads, to the encoder's mean-pooled embedding of what it read. Trained
@@ -268,10 +272,8 @@ class Pretrainer:
         if not self.pairs:
             return []
         rng = random.Random(f"pha-pretrain-similarity:{self.cfg.seed}:{step}")  # noqa: S311
-        templates = sorted(self.pairs)
-        weights = [len(self.pairs[t]) for t in templates]
         rows = []
-        for template in rng.choices(templates, weights=weights, k=self.n_similarity):
+        for template in rng.choices(self.templates, weights=self.template_weights, k=self.n_similarity):
             first, second = rng.choice(self.pairs[template])
             if rng.random() < 0.5:
                 second = rng.choice(self.pairs[template])[1]
@@ -286,8 +288,7 @@ class Pretrainer:
             firsts + seconds, padding=True, truncation=True, max_length=self.cfg.max_source_length, return_tensors="pt"
         ).to(self.device)
         hidden = self.backbone.encode(enc["input_ids"], enc["attention_mask"]).float()
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        pooled = torch.nn.functional.normalize(masked_mean(hidden, enc["attention_mask"]), dim=-1)
         n = len(firsts)
         return (pooled[:n] * pooled[n:]).sum(-1).tolist()
 
@@ -337,8 +338,7 @@ class Pretrainer:
             ce_sum = ce_sum + token_cross_entropy(self.backbone.lm_head(states), t["labels"], reduction="sum")
             n_tokens += int((t["labels"] != -100).sum())
             if self.readout is not None:
-                mask = t["mask"].unsqueeze(-1).float()
-                embedding = (hidden * mask).sum(1) / mask.sum(1)
+                embedding = masked_mean(hidden, t["mask"])
                 guess = self.readout(states[:, 0].float())
                 readout_sum = readout_sum + (1 - torch.nn.functional.cosine_similarity(guess, embedding)).sum()
         return ce_sum, n_tokens, readout_sum
