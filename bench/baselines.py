@@ -114,25 +114,32 @@ def _folds(targets: Sequence[str], regression: bool) -> int:
     return max(2, min(5, min(Counter(targets).values())))
 
 
+def fit_predict(
+    x_train: np.ndarray, targets: Sequence[str], x_test: np.ndarray, regression: bool, max_iter: int = 2000
+) -> list[str]:
+    """The probe's learner on any features: ridge (regression) or L2 logistic regression, regularisation by
+    cross-validation on the training rows; a sample with one label can only be constant."""
+    from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+
+    if regression:
+        model = RidgeCV(alphas=ALPHA_GRID, cv=_folds(targets, True)).fit(x_train, [float(t) for t in targets])
+        return [f"{value:.3f}" for value in model.predict(x_test)]
+    if len(set(targets)) == 1:
+        return [targets[0]] * len(x_test)
+    # L2 only, C chosen by held-out log-loss (explicit: scikit-learn is changing both defaults).
+    model = LogisticRegressionCV(
+        Cs=list(C_GRID), cv=_folds(targets, False), l1_ratios=(0.0,), scoring="neg_log_loss", max_iter=max_iter
+    )
+    return [str(label) for label in model.fit(x_train, list(targets)).predict(x_test)]
+
+
 def probe(
     encoder: SentenceEncoder, train: Sequence[Example], test: Sequence[Example], kind: str = "fields"
 ) -> list[str]:
     """Fit the probe on `train` (regularisation by cross-validation there) and predict `test`'s targets."""
-    from sklearn.linear_model import LogisticRegressionCV, RidgeCV
-
     x_train, x_test = features(encoder, train, kind), features(encoder, test, kind)
-    targets = [e.target for e in train]
     regression = get_task(train[0].task).labels is None
-    if regression:
-        model = RidgeCV(alphas=ALPHA_GRID, cv=_folds(targets, True)).fit(x_train, [float(t) for t in targets])
-        return [f"{value:.3f}" for value in model.predict(x_test)]
-    if len(set(targets)) == 1:  # nothing to discriminate: a sample with one label can only be constant
-        return [targets[0]] * len(test)
-    # L2 only, C chosen by held-out log-loss (explicit: scikit-learn is changing both defaults).
-    model = LogisticRegressionCV(
-        Cs=list(C_GRID), cv=_folds(targets, False), l1_ratios=(0.0,), scoring="neg_log_loss", max_iter=2000
-    )
-    return [str(label) for label in model.fit(x_train, targets).predict(x_test)]
+    return fit_predict(x_train, [e.target for e in train], x_test, regression)
 
 
 def baseline_scores(

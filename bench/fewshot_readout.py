@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.baselines import C_GRID, SentenceEncoder, _folds, probe  # noqa: E402
+from bench.baselines import SentenceEncoder, fit_predict, probe  # noqa: E402
 from bench.machine import write_result  # noqa: E402
 from pha_core.adapt import _encode, choose_source  # noqa: E402
 from pha_core.checkpoint import load_checkpoint  # noqa: E402
@@ -63,16 +63,6 @@ def pha_features(model, examples, source: int) -> dict[str, np.ndarray]:
     return {name: value.cpu().numpy() for name, value in out.items()}
 
 
-def readout(x_train: np.ndarray, targets: list[str], x_test: np.ndarray) -> list[str]:
-    """The probe's learner: L2 logistic regression, C by cross-validated log-loss on the shots."""
-    from sklearn.linear_model import LogisticRegressionCV
-
-    model = LogisticRegressionCV(
-        Cs=list(C_GRID), cv=_folds(targets, False), l1_ratios=(0.0,), scoring="neg_log_loss", max_iter=3000
-    )
-    return [str(label) for label in model.fit(x_train, targets).predict(x_test)]
-
-
 def accuracy(predictions: list[str], gold: np.ndarray) -> float:
     return float((np.array(predictions) == gold).mean())
 
@@ -106,7 +96,10 @@ def main() -> int:
                 _, _, z = _encode(model, shots)
             source, _ = choose_source(z, model.prototypes.weight.detach())
             train, test = pha_features(model, shots, source), pha_features(model, heldout, source)
-            scores = {name: accuracy(readout(train[name], targets, test[name]), gold) for name in train}
+            scores = {
+                name: accuracy(fit_predict(train[name], targets, test[name], False, max_iter=3000), gold)
+                for name in train
+            }
             scores["probe"] = accuracy(probe(encoder, shots, heldout), gold)
             runs.append({"task": task, "k": args.k, "seed": seed, "source": model.tasks[source], **scores})
             print(task, seed, runs[-1], flush=True)

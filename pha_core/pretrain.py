@@ -26,7 +26,10 @@ without a label; two options, 0 by default, which is T5's recipe alone:
 - the start-state readout (`embedding_weight`): a linear map, trained alongside and then dropped, from the
   decoder's state after its start token (the state rank scoring reads labels from) to the encoder's mean-pooled
   embedding of the text it read (loss 1 - cosine): that state must carry the sentence embedding, which a
-  linear probe on the frozen encoder shows to be what a few labelled rows can be read from.
+  linear probe on the frozen encoder shows to be what a few labelled rows can be read from. With
+  `readout_fields` (session 24) a similarity row's state reads out the probe's own features of the pair
+  instead, [u, v, |u-v|, u*v] of the two fields embedded apart (the map is 4x wider; 1 - cosine per block,
+  averaged): the joint text's mean is the weak representation of a pair.
 
 The result is only the decoder's tensors (fp16, ~10 MB for 2 layers), written as `decoder.safetensors` with
 `pretrain.json` (recipe, loss history, encoder fingerprint) beside it; `BackboneConfig.decoder_init` loads it.
@@ -170,6 +173,15 @@ def pretrain_pairs(cfg: PretrainConfig) -> list[tuple[str, str, str]]:
     ]
 
 
+# What the frozen probe reads of a pair (bench/baselines.py), in its order: the start-state readout's blocks.
+PAIR_BLOCKS = ("u", "v", "|u-v|", "u*v")
+
+
+def pair_features(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[n, 4, d]: PAIR_BLOCKS of the fields' embeddings u, v [n, d]."""
+    return torch.stack([u, v, (u - v).abs(), u * v], dim=1)
+
+
 def similarity_target(cosine: float) -> str:
     """The encoder's cosine of two fields as a similarity word: clipped to [0, 1], on STS-B's 0-5 scale."""
     from .tasks import TASKS
@@ -240,8 +252,9 @@ class Pretrainer:
         # The start-state readout (embedding_weight > 0): a linear map from the decoder's state after its start
         # token, the state rank scoring reads, to the encoder's mean-pooled embedding of what it read. Trained
         # with the decoder and dropped after: it only asks that state to carry the sentence embedding.
-        width = self.backbone.encoder.config.hidden_size
-        self.readout = torch.nn.Linear(width, width).to(self.device) if cfg.embedding_weight > 0 else None
+        self.width = width = self.backbone.encoder.config.hidden_size
+        blocks = len(PAIR_BLOCKS) if cfg.readout_fields else 1
+        self.readout = torch.nn.Linear(width, blocks * width).to(self.device) if cfg.embedding_weight > 0 else None
         self.params = [p for p in self.backbone.parameters() if p.requires_grad]
         self.params += list(self.readout.parameters()) if self.readout is not None else []
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr)
@@ -281,30 +294,38 @@ class Pretrainer:
         return rows
 
     @torch.no_grad()
-    def teacher_cosines(self, firsts: list[str], seconds: list[str]) -> list[float]:
-        """The frozen encoder's cosine of each two fields, embedded apart and mean-pooled (its own use)."""
+    def teacher_fields(self, firsts: list[str], seconds: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen encoder's embeddings u, v of each two fields, embedded apart, mean-pooled and L2-normalised
+        (its own use), [n, d] each."""
         tok = self.backbone.tokenizer
         enc = tok(
             firsts + seconds, padding=True, truncation=True, max_length=self.cfg.max_source_length, return_tensors="pt"
         ).to(self.device)
         hidden = self.backbone.encode(enc["input_ids"], enc["attention_mask"]).float()
         pooled = torch.nn.functional.normalize(masked_mean(hidden, enc["attention_mask"]), dim=-1)
-        n = len(firsts)
-        return (pooled[:n] * pooled[n:]).sum(-1).tolist()
+        return pooled[: len(firsts)], pooled[len(firsts) :]
 
-    def similarity_batch(self, step: int) -> list[tuple[list[int], list[int]]]:
-        """(source, target) ids of `step`'s similarity rows: the joint text, the encoder's similarity word."""
+    def teacher_cosines(self, firsts: list[str], seconds: list[str]) -> list[float]:
+        """The frozen encoder's cosine of each two fields, embedded apart."""
+        u, v = self.teacher_fields(firsts, seconds)
+        return (u * v).sum(-1).tolist()
+
+    def similarity_batch(self, step: int) -> tuple[list[tuple[list[int], list[int]]], torch.Tensor | None]:
+        """(source, target) ids of `step`'s similarity rows (the joint text, the encoder's similarity word) and,
+        with `readout_fields`, each row's readout target [n, 4, d]: PAIR_BLOCKS of its fields' u, v."""
         from .tasks import fill_template, template_fields
 
         rows = self.similarity_rows(step)
         if not rows:
-            return []
+            return [], None
         tok = self.backbone.tokenizer
-        cosines = self.teacher_cosines([r[1] for r in rows], [r[2] for r in rows])
+        u, v = self.teacher_fields([r[1] for r in rows], [r[2] for r in rows])
+        cosines = (u * v).sum(-1).tolist()
         texts = [fill_template(t, dict(zip(template_fields(t), (a, b), strict=True))) for t, a, b in rows]
         sources = tok(texts, truncation=True, max_length=self.cfg.max_source_length).input_ids
         targets = tok([similarity_target(c) for c in cosines], add_special_tokens=False).input_ids
-        return [(s, [*t, self.backbone.eos_token_id]) for s, t in zip(sources, targets, strict=True)]
+        pairs = [(s, [*t, self.backbone.eos_token_id]) for s, t in zip(sources, targets, strict=True)]
+        return pairs, (pair_features(u, v) if self.cfg.readout_fields else None)
 
     def _tensors(self, pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         bb = self.backbone
@@ -325,10 +346,11 @@ class Pretrainer:
 
     # --------------------------------------------------------------------------------------- step
     def _losses(
-        self, pairs: list[tuple[list[int], list[int]]]
+        self, pairs: list[tuple[list[int], list[int]]], features: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | float, int, torch.Tensor | float]:
         """Summed token CE of the decoder writing each target from its source, the number of tokens, and the
-        summed start-state readout loss (1 - cosine to the sentence embedding; 0 without a readout)."""
+        summed start-state readout loss (0 without a readout): 1 - cosine to the mean of the encoder states read,
+        or, given `features` [n, blocks, d], the mean over blocks of 1 - cosine to each."""
         ce_sum, n_tokens, readout_sum = 0.0, 0, 0.0
         for bucket in length_buckets([len(s) for s, _ in pairs], self.cfg.token_budget):
             t = self._tensors([pairs[i] for i in bucket])
@@ -337,18 +359,23 @@ class Pretrainer:
             states, _ = self.backbone.decode_states(t["dec_in"], hidden, t["mask"])
             ce_sum = ce_sum + token_cross_entropy(self.backbone.lm_head(states), t["labels"], reduction="sum")
             n_tokens += int((t["labels"] != -100).sum())
-            if self.readout is not None:
-                embedding = masked_mean(hidden, t["mask"])
-                guess = self.readout(states[:, 0].float())
-                readout_sum = readout_sum + (1 - torch.nn.functional.cosine_similarity(guess, embedding)).sum()
+            if self.readout is None:
+                continue
+            guess = self.readout(states[:, 0].float()).view(len(bucket), -1, self.width)
+            if features is None:  # block 0: the sentence embedding of what it read
+                target, guess = masked_mean(hidden, t["mask"]).unsqueeze(1), guess[:, :1]
+            else:
+                target = features[torch.tensor(bucket, device=features.device)]
+            cosine = torch.nn.functional.cosine_similarity(guess, target, dim=-1)  # [rows, blocks]
+            readout_sum = readout_sum + (1 - cosine).mean(-1).sum()
         return ce_sum, n_tokens, readout_sum
 
     def train_step(self, step: int) -> dict[str, float]:
         with autocast(self.precision, self.device):
             spans = self.batch(step)
             span_ce, span_tokens, span_readout = self._losses(spans)
-            similarity = self.similarity_batch(step)
-            sim_ce, sim_tokens, sim_readout = self._losses(similarity) if similarity else (0.0, 0, 0.0)
+            similarity, features = self.similarity_batch(step)
+            sim_ce, sim_tokens, sim_readout = self._losses(similarity, features) if similarity else (0.0, 0, 0.0)
         n_tokens = span_tokens + sim_tokens
         loss = (span_ce + sim_ce) / max(1, n_tokens)
         readout = (span_readout + sim_readout) / (len(spans) + len(similarity))

@@ -136,6 +136,13 @@ class PretrainConfig:
     embedding_weight: float = knob(
         0.0, doc="weight of the loss tying the decoder's start state to the sentence embedding"
     )
+    # False is session 23's readout: every row's start state reads out the mean of the encoder states of the
+    # text it read. True asks a similarity row (a pair) for what the frozen probe reads of it instead, [u, v,
+    # |u-v|, u*v] of its two fields embedded apart: a linear probe scores 0.42 on the joint text's mean and 0.58
+    # on those features at 100 examples a task (docs/results.md §0), and rank scoring reads that state.
+    readout_fields: bool = knob(
+        False, doc="pairs' start state reads out [u, v, |u-v|, u*v] of the fields embedded apart (needs both)"
+    )
     init_from: str | None = knob(
         None, doc="start the decoder from this `pha pretrain` decoder.safetensors (or its folder), not warm"
     )
@@ -165,6 +172,8 @@ class PretrainConfig:
             raise ValueError(f"embedding_weight must be >= 0, got {self.embedding_weight}")
         if not 0.0 <= self.similarity_share <= 1.0:
             raise ValueError(f"similarity_share must be in [0, 1], got {self.similarity_share}")
+        if self.readout_fields and not (self.embedding_weight > 0 and self.similarity_share > 0):
+            raise ValueError("readout_fields reads out pairs: give embedding_weight > 0 and similarity_share > 0")
 
     def backbone(self) -> BackboneConfig:
         return BackboneConfig(

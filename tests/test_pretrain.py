@@ -12,10 +12,12 @@ from pha_core.backbones import MiniLMBackbone
 from pha_core.config import BackboneConfig
 from pha_core.pretrain import (
     DECODER_FILE,
+    PAIR_BLOCKS,
     PRETRAIN_META,
     PretrainConfig,
     Pretrainer,
     PretrainError,
+    pair_features,
     shipped_decoder,
     similarity_target,
     span_corruption,
@@ -157,7 +159,7 @@ def test_similarity_rows_read_two_fields_in_their_template_with_the_encoders_cos
     same = trainer.teacher_cosines([rows[0][1]], [rows[0][1]])[0]
     assert same == pytest.approx(1.0, abs=1e-2)
     tok = trainer.backbone.tokenizer
-    for (source, target), (_, first, _) in zip(trainer.similarity_batch(3), rows, strict=True):
+    for (source, target), (_, first, _) in zip(trainer.similarity_batch(3)[0], rows, strict=True):
         text = tok.decode(source)
         assert text.startswith("[CLS] sentence1") and " sentence2 : " in text  # the joint text PHA reads
         start = 1 + len(tok("sentence1:", add_special_tokens=False).input_ids)  # after [CLS] and the field name
@@ -184,3 +186,52 @@ def test_the_start_state_readout_trains_resumes_and_never_ships(corpus, tmp_path
     assert torch.equal(resumed.readout.weight, first.readout.weight)
     shipped = load_file(str(tmp_path / DECODER_FILE))
     assert shipped.keys() == first.backbone.decoder_state().keys()  # the readout is not a decoder tensor
+
+
+def test_pair_features_are_the_probes_blocks_in_order():
+    u = torch.nn.functional.normalize(torch.tensor([[1.0, 2.0, -1.0]]), dim=-1)
+    v = torch.nn.functional.normalize(torch.tensor([[0.5, -1.0, 3.0]]), dim=-1)
+    blocks = pair_features(u, v)
+    assert blocks.shape == (1, len(PAIR_BLOCKS), 3)
+    for got, want in zip(blocks[0], (u[0], v[0], (u - v).abs()[0], (u * v)[0]), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_readout_fields_needs_pairs_and_a_readout(tmp_path):
+    with pytest.raises(ValueError, match="similarity_share"):
+        PretrainConfig(readout_fields=True, embedding_weight=1.0, output=str(tmp_path))
+    with pytest.raises(ValueError, match="embedding_weight"):
+        PretrainConfig(readout_fields=True, similarity_share=0.5, output=str(tmp_path))
+
+
+@pytest.mark.pretrained
+@pytest.mark.data
+def test_readout_fields_reads_out_each_pairs_fields_embedded_apart(data_dir, tmp_path):
+    cfg = PretrainConfig(
+        tasks=["stsb"],
+        data_dir=str(data_dir),
+        similarity_share=0.5,
+        embedding_weight=1.0,
+        readout_fields=True,
+        batch_size=4,
+        output=str(tmp_path),
+    )
+    trainer = Pretrainer(cfg, progress=False)
+    assert trainer.readout.out_features == len(PAIR_BLOCKS) * trainer.width
+    rows = trainer.similarity_rows(1)
+    pairs, features = trainer.similarity_batch(1)
+    assert features.shape == (len(pairs), len(PAIR_BLOCKS), trainer.width)
+    u, v = trainer.teacher_fields([rows[0][1]], [rows[0][2]])  # the first row alone: no padding beside it
+    assert torch.allclose(features[0, 0], u[0], atol=2e-2) and torch.allclose(features[0, 1], v[0], atol=2e-2)
+    trainer.backbone.eval()  # no dropout: the loss is computed twice
+    _, _, readout = trainer._losses(pairs, features)
+    t = trainer._tensors(pairs)
+    with torch.no_grad():
+        hidden = trainer.backbone.encode(t["ids"], t["mask"]).float()
+        states = trainer.backbone.decode_states(t["dec_in"], hidden, t["mask"])[0]
+        guess = trainer.readout(states[:, 0].float()).view(len(pairs), -1, trainer.width)
+    want = (1 - torch.nn.functional.cosine_similarity(guess, features, dim=-1)).mean(-1).sum()
+    assert float(readout) == pytest.approx(float(want), rel=1e-2)
+    trainer.backbone.train()
+    trainer.backbone.encoder.eval()
+    assert 0 < trainer.train_step(0)["readout_loss"] <= 2
