@@ -305,11 +305,6 @@ class Pretrainer:
         pooled = torch.nn.functional.normalize(masked_mean(hidden, enc["attention_mask"]), dim=-1)
         return pooled[: len(firsts)], pooled[len(firsts) :]
 
-    def teacher_cosines(self, firsts: list[str], seconds: list[str]) -> list[float]:
-        """The frozen encoder's cosine of each two fields, embedded apart."""
-        u, v = self.teacher_fields(firsts, seconds)
-        return (u * v).sum(-1).tolist()
-
     def similarity_batch(self, step: int) -> tuple[list[tuple[list[int], list[int]]], torch.Tensor | None]:
         """(source, target) ids of `step`'s similarity rows (the joint text, the encoder's similarity word) and,
         with `readout_fields`, each row's readout target [n, 4, d]: PAIR_BLOCKS of its fields' u, v."""
