@@ -137,10 +137,13 @@ class PHAModel(nn.Module):
         run = bb.encode if layer is None else (lambda ids, mask: bb.encode_with_layer(ids, mask, layer))
         with self.encoder_context.use(enc_weights):
             # One call for per-row encoder adapters, and for joint training batches (length buckets already,
-            # collate.collate_buckets); fields, and inference batches that mix lengths (a serving batch mixes
-            # tasks: real GLUE rows of 10 to 250 tokens) go in length-sorted chunks that pad far less.
+            # collate.collate_buckets). Inference batches mix lengths (a serving batch mixes tasks: real GLUE rows
+            # of 10 to 250 tokens): one pass with the padding taken out where the backbone can (encode_packed),
+            # else length-sorted chunks that pad far less; so do training batches of fields.
             if enc_weights is not None or (self.field_tokens is None and self.training):
                 out = run(source.segment_ids, source.segment_mask)
+            elif bb.packs_rows and not bb.training:
+                out = bb.encode_packed(source.segment_ids, source.segment_mask, layer)
             else:
                 out = encode_by_length(run, source)
         hidden, kept = out if layer is not None else (out, None)

@@ -1,0 +1,99 @@
+"""Rows of mixed lengths as one matrix of their real tokens: an encoder pass without padding.
+
+A serving batch mixes tasks (GLUE rows of 10 to 250 tokens): padded to its longest row it is ~3x its real tokens.
+The position-wise steps of a transformer layer (projections, FFN, adapters, layer norms: most of its work) do not
+care which row a token belongs to, so they run on the real tokens alone, one [N, d] matrix. Attention mixes the
+positions of one row: it runs per group of rows of similar length (buckets.length_buckets), each group padded
+to its own longest row only. Rows are packed in that grouped order, so a group's tokens are one contiguous slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .buckets import length_buckets
+
+# Attention groups: at most this many padded tokens each, and a group costs as much as this many more padded
+# tokens (a call's fixed cost). Measured on the demo's mixed batches of 16 (docs/serving.md, session 25): one
+# padded group spent ~26% of the encoder pass in attention.
+ATTENTION_GROUP_TOKENS = 2048
+ATTENTION_CALL_COST = 32
+
+
+@dataclass(frozen=True)
+class Group:
+    """Rows packed[start:stop] (their tokens: tokens[first:last]), padded to `width` for attention."""
+
+    first: int
+    last: int
+    rows: int
+    width: int
+    where: torch.Tensor | None  # positions of the group's real tokens in its [rows x width] grid; None: no padding
+    keys: torch.Tensor | None  # [rows, 1, 1, width]: which keys each row attends to; None: no padding
+
+
+class Packing:
+    """How rows [B, L] with `mask` (1 = real token, real tokens first in each row) pack into [N, ...]."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        rows, width = mask.shape
+        lengths = mask.sum(1).tolist()
+        groups = length_buckets(lengths, ATTENTION_GROUP_TOKENS, call_cost=ATTENTION_CALL_COST)
+        order = torch.tensor([i for group in groups for i in group], device=mask.device)
+        real = mask.bool()[order]  # rows in packed order
+        packed = real.flatten().nonzero().squeeze(1)  # real tokens, in packed row order, as row * width + column
+        # Where each packed token sits in the caller's [B, L] layout.
+        self.where = order[packed // width] * width + packed % width
+        self.shape = (rows, width)
+        self.groups: list[Group] = []
+        first = 0
+        for group in groups:
+            sizes = [lengths[i] for i in group]
+            n, w = len(sizes), max(sizes)
+            last = first + sum(sizes)
+            uneven = min(sizes) < w
+            keys = torch.arange(w, device=mask.device)[None, :] < torch.tensor(sizes, device=mask.device)[:, None]
+            self.groups.append(
+                Group(
+                    first,
+                    last,
+                    n,
+                    w,
+                    keys.flatten().nonzero().squeeze(1) if uneven else None,
+                    keys[:, None, None, :] if uneven else None,
+                )
+            )
+            first = last
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] -> the real tokens [N, ...], in packed order."""
+        return t.reshape(self.shape[0] * self.shape[1], *t.shape[2:])[self.where]
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, L, ...] in the caller's row order, zero at padding."""
+        out = t.new_zeros(self.shape[0] * self.shape[1], *t.shape[1:])
+        out[self.where] = t
+        return out.view(*self.shape, *t.shape[1:])
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Each row's tokens attending to its own: q, k, v [N, heads, size] -> [N, heads, size]."""
+        out = []
+        for g in self.groups:
+            parts = [self._grid(t[g.first : g.last], g) for t in (q, k, v)]
+            context = F.scaled_dot_product_attention(*parts, attn_mask=g.keys, scale=scale).transpose(1, 2)
+            context = context.reshape(g.rows * g.width, *context.shape[2:])
+            out.append(context if g.where is None else context[g.where])
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    @staticmethod
+    def _grid(t: torch.Tensor, g: Group) -> torch.Tensor:
+        """A group's tokens [n, heads, size] as [rows, heads, width, size] (zero at padding)."""
+        if g.where is None:
+            grid = t
+        else:
+            grid = t.new_zeros(g.rows * g.width, *t.shape[1:])
+            grid[g.where] = t
+        return grid.view(g.rows, g.width, *t.shape[1:]).transpose(1, 2)
