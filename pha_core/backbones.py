@@ -218,14 +218,26 @@ def minilm_dir(name: str) -> Path:
     return path
 
 
-def _folded_cross_attention(attn: nn.Module, h: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """BertCrossAttention's output [P, W, d] for the queries `h` [P, W, d] over `memory` [P, L, d] (`pad` [P, 1, L]
-    true at padding), without projecting the memory: MiniLMBackbone.start_states gives the algebra."""
+def _memory_reader(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Per head, the d-vector each query of `h` [P, W, d] scores memory states with: s W_k,h^T q_h [P, W x H, d]."""
     heads, size = attn.num_attention_heads, attn.attention_head_size
     rows, width, d = h.shape
     q = attn.query(h).view(rows, width, heads, size)
     w_k = attn.key.weight.view(heads, size, d)  # rows of W_k grouped by head
-    reader = torch.einsum("pwhs,hsd->pwhd", q, w_k).reshape(rows, width * heads, d) * attn.scaling
+    return torch.einsum("pwhs,hsd->pwhd", q, w_k).reshape(rows, width * heads, d) * attn.scaling
+
+
+def _folded_cross_attention(
+    attn: nn.Module, h: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor, reader: torch.Tensor | None = None
+) -> torch.Tensor:
+    """BertCrossAttention's output [P, W, d] for the queries `h` [P, W, d] over `memory` [P, L, d] (`pad` [P, 1, L]
+    true at padding), without projecting the memory: MiniLMBackbone.start_states gives the algebra. `reader`:
+    `_memory_reader(attn, h)` made already (the same for every row: [1, W x H, d])."""
+    heads, size = attn.num_attention_heads, attn.attention_head_size
+    rows, width, d = h.shape
+    if reader is None:
+        reader = _memory_reader(attn, h)
+    reader = reader.expand(rows, -1, -1)
     scores = torch.bmm(reader, memory.transpose(1, 2)).masked_fill(pad, float("-inf"))  # [P, W x H, L]
     pooled = torch.bmm(scores.softmax(dim=-1), memory).view(rows, width, heads, d)
     w_v = attn.value.weight.view(heads, size, d)
@@ -240,6 +252,25 @@ def _folded_cross_attention(attn: nn.Module, h: torch.Tensor, memory: torch.Tens
 # full masking. Evaluation in float32 is ~6% faster too. A GPU keeps SDPA's fused kernels.
 ATTENTION_BY_DEVICE = {"cpu": "eager"}
 DEFAULT_ATTENTION = "sdpa"
+
+
+class Derived:
+    """Tensors made from parameters for inference (a state no input changes), made again when
+    one of their parameters changes: an in-place update (an optimiser step) bumps a tensor's version, and moving
+    or casting the model makes new tensors. They carry no gradient: callers use them with grad off only."""
+
+    def __init__(self) -> None:
+        self._made: dict[object, tuple[tuple, object]] = {}
+
+    def get(self, key: object, sources: Sequence[torch.Tensor], make):
+        device = sources[0].device.type
+        stamp = (torch.is_autocast_enabled(device), *((t.data_ptr(), t._version, t.dtype) for t in sources))
+        made = self._made.get(key)
+        if made is None or made[0] != stamp:
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable outside inference mode too
+                made = (stamp, make())
+            self._made[key] = made
+        return made[1]
 
 
 class MiniLMBackbone(Backbone):
@@ -283,6 +314,7 @@ class MiniLMBackbone(Backbone):
         # BERT has no decoder start or EOS token: [CLS] starts a target and [SEP] ends it.
         self.decoder_start_token_id = self.tokenizer.cls_token_id
         self.eos_token_id = self.tokenizer.sep_token_id
+        self._derived = Derived()
 
     @torch.no_grad()
     def _warm_start_decoder(self) -> None:
@@ -399,15 +431,37 @@ class MiniLMBackbone(Backbone):
         """
         if self.training:
             return super().start_states(encoder_hidden, encoder_mask)
-        bert, rows = self.decoder.bert, encoder_hidden.size(0)
-        # Until the first cross-attention every row's state is the same (the start token's), so it is made once.
-        h = bert.embeddings(input_ids=torch.full((1, 1), self.decoder_start_token_id, device=encoder_hidden.device))
+        layers, rows = self.decoder.bert.encoder.layer, encoder_hidden.size(0)
         pad = ~encoder_mask.bool()[:, None, :]  # [B, 1, L]
-        for layer in bert.encoder.layer:
+        # Until the first cross-attention every row's state is the same (the start token's), and so is the first
+        # layer's reader of the memory: made once (with grad off, kept until a weight they read changes).
+        h, reader = self._first_step(encoder_hidden.device)
+        h = self._read_memory_then_ffn(layers[0], h.expand(rows, -1, -1), encoder_hidden, pad, reader)
+        for layer in layers[1:]:
             own = layer.attention
-            h = own.output(own.self.value(h), h).expand(rows, -1, -1)  # attention over one token is its value
+            h = own.output(own.self.value(h), h)  # attention over one token is its value
             h = self._read_memory_then_ffn(layer, h, encoder_hidden, pad)
         return h
+
+    def _first_step(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The start token's state [1, 1, d] after the first layer's self-attention, and that layer's reader of
+        the memory [1, heads, d]: what no input changes."""
+        bert, first = self.decoder.bert, self.decoder.bert.encoder.layer[0]
+
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            h = bert.embeddings(input_ids=torch.full((1, 1), self.decoder_start_token_id, device=device))
+            h = first.attention.output(first.attention.self.value(h), h)
+            return h, _memory_reader(first.crossattention.self, h)
+
+        if torch.is_grad_enabled():
+            return make()
+        sources = [
+            *bert.embeddings.parameters(),
+            *first.attention.parameters(),
+            *first.crossattention.self.query.parameters(),
+            first.crossattention.self.key.weight,
+        ]
+        return self._derived.get("first_step", sources, make)
 
     def folded_states(self, decoder_input_ids, encoder_hidden, encoder_mask):
         """`decode_states` (no cache) with cross-attention folded as in `start_states`, for teacher-forced
@@ -428,9 +482,9 @@ class MiniLMBackbone(Backbone):
         return h
 
     @staticmethod
-    def _read_memory_then_ffn(layer: nn.Module, h: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor):
+    def _read_memory_then_ffn(layer: nn.Module, h: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor, reader=None):
         """A decoder layer after its self-attention: folded cross-attention, then the FFN (and its adapter)."""
-        h = layer.crossattention.output(_folded_cross_attention(layer.crossattention.self, h, memory, pad), h)
+        h = layer.crossattention.output(_folded_cross_attention(layer.crossattention.self, h, memory, pad, reader), h)
         return layer.feed_forward_chunk(h)
 
     def decoder_stack(self) -> nn.Module:

@@ -40,6 +40,11 @@ class Packing:
 
     def __init__(self, mask: torch.Tensor) -> None:
         rows, width = mask.shape
+        self.shape = (rows, width)
+        if bool(mask.all()):  # no padding (one request at a time: one row): nothing to take out or group
+            self.where: torch.Tensor | None = None
+            self.groups = [Group(0, rows * width, rows, width, None, None)]
+            return
         lengths = mask.sum(1).tolist()
         groups = length_buckets(lengths, ATTENTION_GROUP_TOKENS, call_cost=ATTENTION_CALL_COST)
         order = torch.tensor([i for group in groups for i in group], device=mask.device)
@@ -47,8 +52,7 @@ class Packing:
         packed = real.flatten().nonzero().squeeze(1)  # real tokens, in packed row order, as row * width + column
         # Where each packed token sits in the caller's [B, L] layout.
         self.where = order[packed // width] * width + packed % width
-        self.shape = (rows, width)
-        self.groups: list[Group] = []
+        self.groups = []
         first = 0
         for group in groups:
             sizes = [lengths[i] for i in group]
@@ -70,10 +74,13 @@ class Packing:
 
     def unpad(self, t: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> the real tokens [N, ...], in packed order."""
-        return t.reshape(self.shape[0] * self.shape[1], *t.shape[2:])[self.where]
+        flat = t.reshape(self.shape[0] * self.shape[1], *t.shape[2:])
+        return flat if self.where is None else flat[self.where]
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """[N, ...] -> [B, L, ...] in the caller's row order, zero at padding."""
+        if self.where is None:
+            return t.view(*self.shape, *t.shape[1:])
         out = t.new_zeros(self.shape[0] * self.shape[1], *t.shape[1:])
         out[self.where] = t
         return out.view(*self.shape, *t.shape[1:])

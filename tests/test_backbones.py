@@ -123,3 +123,33 @@ def test_packed_pass_on_the_real_backbone_matches_bertmodel():
     whole, expected = bb.encode_with_layer(ids, mask, 3)
     assert torch.allclose(last[real], whole[real], atol=1e-4)
     assert torch.allclose(kept[real], expected[real], atol=1e-4)
+
+
+@torch.no_grad()
+def test_tensors_made_from_weights_follow_the_weights():
+    """The decoder's first step is kept between calls: a weight changed in place (an optimiser step between
+    evaluations) must be seen by the next call."""
+    from pha_core.backbones import Backbone
+
+    model = _model()
+    bb = model.backbone
+    source = model.source(TEXTS)
+    ids, mask = source.segment_ids, source.segment_mask
+    real = mask.bool()
+    memory = bb.encode_packed(ids, mask)
+    start = bb.start_states(memory, mask)
+    assert torch.allclose(start, Backbone.start_states(bb, memory, mask), atol=1e-5)  # the plain decoder step
+    value = bb.encoder.encoder.layer[0].attention.self.value.weight
+    value.add_(torch.randn_like(value))
+    first = bb.decoder.bert.encoder.layer[0]
+    first.crossattention.self.query.weight.add_(0.1)
+    first.attention.self.value.bias.add_(0.1)
+    moved = bb.encode_packed(ids, mask)
+    assert torch.allclose(moved[real], bb.encode(ids, mask)[real], atol=1e-5)
+    assert not torch.allclose(moved[real], memory[real], atol=1e-3)
+    again = bb.start_states(memory, mask)
+    assert torch.allclose(again, Backbone.start_states(bb, memory, mask), atol=1e-5)
+    assert not torch.allclose(again, start, atol=1e-3)
+    with torch.enable_grad():  # with grad on, the weights as they are (nothing kept carries a gradient)
+        memory.requires_grad_(True)
+        assert bb.start_states(memory, mask).requires_grad
