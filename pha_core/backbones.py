@@ -436,11 +436,11 @@ class MiniLMBackbone(Backbone):
         # Until the first cross-attention every row's state is the same (the start token's), and so is the first
         # layer's reader of the memory: made once (with grad off, kept until a weight they read changes).
         h, reader = self._first_step(encoder_hidden.device)
-        h = self._read_memory_then_ffn(layers[0], h.expand(rows, -1, -1), encoder_hidden, pad, reader)
-        for layer in layers[1:]:
+        h = self._read_memory_then_ffn(0, h.expand(rows, -1, -1), encoder_hidden, pad, reader)
+        for depth, layer in enumerate(layers[1:], start=1):
             own = layer.attention
             h = own.output(own.self.value(h), h)  # attention over one token is its value
-            h = self._read_memory_then_ffn(layer, h, encoder_hidden, pad)
+            h = self._read_memory_then_ffn(depth, h, encoder_hidden, pad)
         return h
 
     def _first_step(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -476,16 +476,24 @@ class MiniLMBackbone(Backbone):
         h = bert.embeddings(input_ids=decoder_input_ids)
         causal = torch.full((width, width), float("-inf"), dtype=h.dtype, device=h.device).triu(1)[None, None]
         pad = ~encoder_mask.bool()[:, None, :]
-        for layer in bert.encoder.layer:
+        for depth, layer in enumerate(bert.encoder.layer):
             h = layer.attention(h, attention_mask=causal)[0]
-            h = self._read_memory_then_ffn(layer, h, encoder_hidden, pad)
+            h = self._read_memory_then_ffn(depth, h, encoder_hidden, pad)
         return h
 
-    @staticmethod
-    def _read_memory_then_ffn(layer: nn.Module, h: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor, reader=None):
-        """A decoder layer after its self-attention: folded cross-attention, then the FFN (and its adapter)."""
+    def _read_memory_then_ffn(self, depth: int, h: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor, reader=None):
+        """Decoder layer `depth` after its self-attention: folded cross-attention, then the FFN (and its adapter)."""
+        layer = self.decoder.bert.encoder.layer[depth]
         h = layer.crossattention.output(_folded_cross_attention(layer.crossattention.self, h, memory, pad, reader), h)
-        return layer.feed_forward_chunk(h)
+        if torch.is_grad_enabled():
+            return layer.feed_forward_chunk(h)
+        # The FFN's first projection with its weight read as stored transposed, [d, 4d]: MKL's product of a few
+        # rows with the [4d, d] weight as stored streams it ~2.7x slower (one row, MiniLM's 1536 x 384 weight
+        # not in cache: 263 vs 98 us; 16 rows and more: the same within 5%; 2-core AMD EPYC, torch 2.13).
+        dense = layer.intermediate.dense
+        weight = self._derived.get(("ffn_in", depth), [dense.weight], lambda: dense.weight.t().contiguous())
+        inner = torch.addmm(dense.bias, h.reshape(-1, h.size(-1)), weight).view(*h.shape[:-1], -1)
+        return layer.output(layer.intermediate.intermediate_act_fn(inner), h)
 
     def decoder_stack(self) -> nn.Module:
         return self.decoder.bert

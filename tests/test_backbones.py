@@ -144,6 +144,7 @@ def test_tensors_made_from_weights_follow_the_weights():
     first = bb.decoder.bert.encoder.layer[0]
     first.crossattention.self.query.weight.add_(0.1)
     first.attention.self.value.bias.add_(0.1)
+    first.intermediate.dense.weight.add_(0.1)  # read as stored transposed, a copy
     moved = bb.encode_packed(ids, mask)
     assert torch.allclose(moved[real], bb.encode(ids, mask)[real], atol=1e-5)
     assert not torch.allclose(moved[real], memory[real], atol=1e-3)
