@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,8 @@ from torch import nn
 
 from .config import BackboneConfig
 from .packing import Packing
+
+T = TypeVar("T")
 
 
 class BackboneError(ValueError):
@@ -255,14 +258,14 @@ DEFAULT_ATTENTION = "sdpa"
 
 
 class Derived:
-    """Tensors made from parameters for inference (a state no input changes), made again when
-    one of their parameters changes: an in-place update (an optimiser step) bumps a tensor's version, and moving
-    or casting the model makes new tensors. They carry no gradient: callers use them with grad off only."""
+    """Tensors made from parameters for inference (a state no input changes, a weight in another layout), made
+    again when one of their parameters changes: an in-place update (an optimiser step) bumps a tensor's version,
+    and moving or casting the model makes new tensors. They carry no gradient: callers use them with grad off."""
 
     def __init__(self) -> None:
-        self._made: dict[object, tuple[tuple, object]] = {}
+        self._made: dict[object, tuple[tuple, Any]] = {}
 
-    def get(self, key: object, sources: Sequence[torch.Tensor], make):
+    def get(self, key: object, sources: Sequence[torch.Tensor], make: Callable[[], T]) -> T:
         device = sources[0].device.type
         stamp = (torch.is_autocast_enabled(device), *((t.data_ptr(), t._version, t.dtype) for t in sources))
         made = self._made.get(key)
@@ -277,6 +280,7 @@ class MiniLMBackbone(Backbone):
     """BERT encoder + BERT decoder warm-started from the same checkpoint (see module docstring)."""
 
     reads_memory_unprojected = True  # start_states and folded_states fold cross-attention
+    packs_rows = True  # encode_packed: the inference pass over rows of mixed lengths
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
@@ -377,8 +381,6 @@ class MiniLMBackbone(Backbone):
     def encode_with_layer(self, input_ids, attention_mask, layer):
         self.use_attention_for(input_ids.device)
         return super().encode_with_layer(input_ids, attention_mask, layer)
-
-    packs_rows = True  # encode_packed: the inference pass over rows of mixed lengths
 
     def encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int | None = None):
         """`encode` (or `encode_with_layer` when `layer` is given) at inference, with padding taken out: the

@@ -14,18 +14,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .buckets import length_buckets
+from .buckets import INFERENCE_CALL_COST, length_buckets
 
-# Attention groups: at most this many padded tokens each, and a group costs as much as this many more padded
-# tokens (a call's fixed cost). Measured on the demo's mixed batches of 16 (docs/serving.md, session 25): one
-# padded group spent ~26% of the encoder pass in attention.
+# At most this many padded tokens in one attention group (rows x its longest row), the budget of an inference
+# encoder call (source.encode_by_length); each group costs as much as INFERENCE_CALL_COST more padded tokens. On
+# the bench's mixed batches of 16, one group padded to the longest row spent 26% of the pass in attention
+# (torch profiler; docs/serving.md, session 25).
 ATTENTION_GROUP_TOKENS = 2048
-ATTENTION_CALL_COST = 32
 
 
 @dataclass(frozen=True)
 class Group:
-    """Rows packed[start:stop] (their tokens: tokens[first:last]), padded to `width` for attention."""
+    """Rows of similar length whose tokens are rows first..last - 1 of the packed matrix, padded to `width` for
+    attention."""
 
     first: int
     last: int
@@ -46,7 +47,7 @@ class Packing:
             self.groups = [Group(0, rows * width, rows, width, None, None)]
             return
         lengths = mask.sum(1).tolist()
-        groups = length_buckets(lengths, ATTENTION_GROUP_TOKENS, call_cost=ATTENTION_CALL_COST)
+        groups = length_buckets(lengths, ATTENTION_GROUP_TOKENS, call_cost=INFERENCE_CALL_COST)
         order = torch.tensor([i for group in groups for i in group], device=mask.device)
         real = mask.bool()[order]  # rows in packed order
         packed = real.flatten().nonzero().squeeze(1)  # real tokens, in packed row order, as row * width + column
@@ -55,22 +56,8 @@ class Packing:
         self.groups = []
         first = 0
         for group in groups:
-            sizes = [lengths[i] for i in group]
-            n, w = len(sizes), max(sizes)
-            last = first + sum(sizes)
-            uneven = min(sizes) < w
-            keys = torch.arange(w, device=mask.device)[None, :] < torch.tensor(sizes, device=mask.device)[:, None]
-            self.groups.append(
-                Group(
-                    first,
-                    last,
-                    n,
-                    w,
-                    keys.flatten().nonzero().squeeze(1) if uneven else None,
-                    keys[:, None, None, :] if uneven else None,
-                )
-            )
-            first = last
+            self.groups.append(_group(first, [lengths[i] for i in group], mask.device))
+            first = self.groups[-1].last
 
     def unpad(self, t: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> the real tokens [N, ...], in packed order."""
@@ -104,3 +91,14 @@ class Packing:
             grid = t.new_zeros(g.rows * g.width, *t.shape[1:])
             grid[g.where] = t
         return grid.view(g.rows, g.width, *t.shape[1:]).transpose(1, 2)
+
+
+def _group(first: int, sizes: list[int], device: torch.device) -> Group:
+    """The group of rows with these token counts whose tokens start at packed row `first`."""
+    width = max(sizes)
+    if min(sizes) == width:  # no padding in the group
+        return Group(first, first + sum(sizes), len(sizes), width, None, None)
+    keys = torch.arange(width, device=device)[None, :] < torch.tensor(sizes, device=device)[:, None]
+    return Group(
+        first, first + sum(sizes), len(sizes), width, keys.flatten().nonzero().squeeze(1), keys[:, None, None, :]
+    )
