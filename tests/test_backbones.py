@@ -29,14 +29,18 @@ def _model(**kwargs) -> PHAModel:
     return model
 
 
+def _rows(model: PHAModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TEXTS as encoder rows: ids, mask, and where the real tokens are."""
+    source = model.source(TEXTS)
+    return source.segment_ids, source.segment_mask, source.segment_mask.bool()
+
+
 @torch.no_grad()
 def test_packed_pass_equals_the_padded_pass_on_real_tokens_and_zeroes_padding():
     model = _model()
     bb = model.backbone
-    source = model.source(TEXTS)
-    ids, mask = source.segment_ids, source.segment_mask
+    ids, mask, real = _rows(model)
     assert mask.sum(1).min() < mask.size(1)  # rows of different lengths: there is padding to take out
-    real = mask.bool()
     whole = bb.encode(ids, mask)
     packed = bb.encode_packed(ids, mask)
     assert torch.allclose(packed[real], whole[real], atol=1e-5)
@@ -87,9 +91,7 @@ def test_the_model_encodes_with_the_packed_pass_at_inference(encoding, monkeypat
 def test_packed_pass_honours_the_adapter_switch_and_autocast():
     model = _model()
     bb = model.backbone
-    source = model.source(TEXTS)
-    ids, mask = source.segment_ids, source.segment_mask
-    real = mask.bool()
+    ids, mask, real = _rows(model)
     with model.adapter_switch.off():
         plain = bb.encode_packed(ids, mask)
         assert torch.allclose(plain[real], bb.encode(ids, mask)[real], atol=1e-5)
@@ -116,9 +118,7 @@ def test_packed_pass_on_the_real_backbone_matches_bertmodel():
 
     model = load_checkpoint(Path(__file__).resolve().parents[1] / "pha_core" / "assets" / "demo").eval()
     bb = model.backbone
-    source = model.source(TEXTS)
-    ids, mask = source.segment_ids, source.segment_mask
-    real = mask.bool()
+    ids, mask, real = _rows(model)
     last, kept = bb.encode_packed(ids, mask, 3)
     whole, expected = bb.encode_with_layer(ids, mask, 3)
     assert torch.allclose(last[real], whole[real], atol=1e-4)
@@ -133,9 +133,7 @@ def test_tensors_made_from_weights_follow_the_weights():
 
     model = _model()
     bb = model.backbone
-    source = model.source(TEXTS)
-    ids, mask = source.segment_ids, source.segment_mask
-    real = mask.bool()
+    ids, mask, real = _rows(model)
     memory = bb.encode_packed(ids, mask)
     start = bb.start_states(memory, mask)
     assert torch.allclose(start, Backbone.start_states(bb, memory, mask), atol=1e-5)  # the plain decoder step
