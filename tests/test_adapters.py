@@ -35,6 +35,9 @@ def test_zero_adapters_equal_the_plain_backbone(kind):
         h_plain = plain.encode(source.segment_ids, source.segment_mask)
         h_pha = model.backbone.encode(source.segment_ids, source.segment_mask)  # encoder adapters start at W_up = 0
         assert torch.equal(h_plain, h_pha)
+        if plain.packs_rows:  # model.encode takes the backbone's packed inference pass: the plain one's, then
+            h_plain = plain.encode_packed(source.segment_ids, source.segment_mask)
+            assert torch.equal(h_plain, model.backbone.encode_packed(source.segment_ids, source.segment_mask))
         h_plain, mask = model.field_tokens(h_plain, source) if model.field_tokens is not None else (h_plain, None)
         h_pha, mask = model.encode(source)
         assert torch.equal(h_plain, h_pha)
