@@ -327,6 +327,17 @@ def compare(rows: list[dict]) -> list[str]:
 SINGLE_ROUNDS = 3
 
 
+def one_at_a_time(call, n: int) -> float:
+    """Median ms of `call(i)` for i < n, SINGLE_ROUNDS passes over the n texts."""
+    times = []
+    for _ in range(SINGLE_ROUNDS):
+        for i in range(n):
+            start = time.perf_counter()
+            call(i)
+            times.append((time.perf_counter() - start) * 1000)
+    return round(percentile(sorted(times), 50), 2)
+
+
 def encoder_alone(texts: list[str], threads: int | None, precision: str = "fp32", batch: int = 32) -> dict:
     """The floor this backbone allows: the frozen encoder alone (no adapters), mean-pooled, on the same texts,
     as sentence-transformers serves it (length-sorted batches of 32); and one text at a time, for c=1. At the
@@ -347,19 +358,13 @@ def encoder_alone(texts: list[str], threads: int | None, precision: str = "fp32"
     # What a server can do at best with the same encoder: it cannot sort texts that have not arrived yet, so
     # batches of 16 in arrival order (the mean batch at c=32), each sorted within itself.
     arrival = median_time(lambda: [run(texts[i : i + 16]) for i in range(0, len(texts), 16)], 3)
-    singles = []
-    for _ in range(SINGLE_ROUNDS):
-        for text in texts[: min(len(texts), 64)]:
-            start = time.perf_counter()
-            run([text])
-            singles.append((time.perf_counter() - start) * 1000)
-    singles.sort()
+    one_text_ms = one_at_a_time(lambda i: run([texts[i]]), min(len(texts), 64))
     return {
         "texts": len(texts),
         "batch": batch,
         "texts_per_s": round(len(texts) / seconds, 1),
         "texts_per_s_arrival_batches_16": round(len(texts) / arrival, 1),
-        "p50_ms_one_text": round(percentile(singles, 50), 2),
+        "p50_ms_one_text": one_text_ms,
         "precision": precision,
     }
 
@@ -388,17 +393,11 @@ def pipeline_alone(engine, by_task: dict[str, list[str]], batch: int = 16) -> di
 
     run(0, batch)  # warm-up
     seconds = median_time(lambda: [run(i, i + batch) for i in range(0, len(texts), batch)], 2)
-    singles = []
-    for _ in range(SINGLE_ROUNDS):
-        for i in range(min(len(texts), 64)):
-            start = time.perf_counter()
-            run(i, i + 1)
-            singles.append((time.perf_counter() - start) * 1000)
-    singles.sort()
+    one_text_ms = one_at_a_time(lambda i: run(i, i + 1), min(len(texts), 64))
     return {
         "texts": len(texts),
         f"texts_per_s_arrival_batches_{batch}": round(len(texts) / seconds, 1),
-        "p50_ms_one_text": round(percentile(singles, 50), 2),
+        "p50_ms_one_text": one_text_ms,
     }
 
 

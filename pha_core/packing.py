@@ -66,11 +66,8 @@ class Packing:
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """[N, ...] -> [B, L, ...] in the caller's row order, zero at padding."""
-        if self.where is None:
-            return t.view(*self.shape, *t.shape[1:])
-        out = t.new_zeros(self.shape[0] * self.shape[1], *t.shape[1:])
-        out[self.where] = t
-        return out.view(*self.shape, *t.shape[1:])
+        grid = t if self.where is None else _scatter(t, self.where, self.shape[0] * self.shape[1])
+        return grid.view(*self.shape, *t.shape[1:])
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Each row's tokens attending to its own: q, k, v [N, heads, size] -> [N, heads, size]."""
@@ -85,11 +82,7 @@ class Packing:
     @staticmethod
     def _grid(t: torch.Tensor, g: Group) -> torch.Tensor:
         """A group's tokens [n, heads, size] as [rows, heads, width, size] (zero at padding)."""
-        if g.where is None:
-            grid = t
-        else:
-            grid = t.new_zeros(g.rows * g.width, *t.shape[1:])
-            grid[g.where] = t
+        grid = t if g.where is None else _scatter(t, g.where, g.rows * g.width)
         return grid.view(g.rows, g.width, *t.shape[1:]).transpose(1, 2)
 
 
@@ -102,3 +95,10 @@ def _group(first: int, sizes: list[int], device: torch.device) -> Group:
     return Group(
         first, first + sum(sizes), len(sizes), width, keys.flatten().nonzero().squeeze(1), keys[:, None, None, :]
     )
+
+
+def _scatter(t: torch.Tensor, where: torch.Tensor, size: int) -> torch.Tensor:
+    """[n, ...] placed at rows `where` of a zero [size, ...]."""
+    out = t.new_zeros(size, *t.shape[1:])
+    out[where] = t
+    return out
