@@ -241,13 +241,18 @@ def server_side(before: dict[str, float], after: dict[str, float]) -> dict:
     }
 
 
-def load_test(args: argparse.Namespace, base: str) -> tuple[list[dict], dict[str, list[str]], str]:
+def load_test(
+    args: argparse.Namespace, base: str, reference: OneTextReference
+) -> tuple[list[dict], dict[str, list[str]], str]:
     """Every (max_new_tokens, concurrency, scenario) cell, `--rounds` times over in rounds, so that a VM whose
-    speed drifts over minutes slows every scenario alike; each cell reports its median round."""
+    speed drifts over minutes slows every scenario alike; each cell reports its median round. After each round,
+    with the server idle, the encoder alone's one-text latency on the same texts (`reference`)."""
     by_task, kind = inputs_by_task(base, args.rows)
     single = args.single_task if args.single_task in by_task else next(iter(by_task))
     cells: dict[tuple[int, int, str], list[dict]] = {}
     for round_ in range(args.rounds):
+        if round_ == 0:
+            reference.warm(mixed_texts(by_task))
         for max_new in args.max_new_tokens:
             for concurrency in args.concurrency:
                 for scenario in SCENARIOS:
@@ -258,6 +263,7 @@ def load_test(args: argparse.Namespace, base: str) -> tuple[list[dict], dict[str
                         f"max_new_tokens={max_new}: {row['rps']} req/s",
                         flush=True,
                     )
+        reference.measure(mixed_texts(by_task))
     return [median_round(rounds) for rounds in cells.values()], by_task, kind
 
 
@@ -276,7 +282,7 @@ def run_cell(args, base: str, scenario: str, concurrency: int, max_new: int, by_
 def median_round(rounds: list[dict]) -> dict:
     """The round with the median throughput (the lower middle one for an even count), with every round's."""
     row = sorted(rounds, key=lambda r: r["rps"])[(len(rounds) - 1) // 2]
-    return {**row, "rps_rounds": [r["rps"] for r in rounds]}
+    return {**row, "rps_rounds": [r["rps"] for r in rounds], "p50_ms_rounds": [r["p50_ms"] for r in rounds]}
 
 
 def count_tokens(rows: list[dict], engine) -> None:
@@ -338,20 +344,48 @@ def one_at_a_time(call, n: int) -> float:
     return round(percentile(sorted(times), 50), 2)
 
 
-def encoder_alone(texts: list[str], threads: int | None, precision: str = "fp32", batch: int = 32) -> dict:
-    """The floor this backbone allows: the frozen encoder alone (no adapters), mean-pooled, on the same texts,
-    as sentence-transformers serves it (length-sorted batches of 32); and one text at a time, for c=1. At the
-    server's precision: in bf16 its weights are stored in bf16 (the fastest it runs in bf16)."""
+class OneTextReference:
+    """The encoder alone's one-text latency (`one_at_a_time` over the traffic's first 64 texts), measured in
+    the bench's process after every round of cells while the server idles: the c=1 floor ("p50 within 5 ms of
+    the encoder alone") is then read round by round, each round's server p50 against the reference taken
+    minutes from it, not against one taken after the server stopped (this VM's speed drifts ~15% over minutes).
+    At the server's precision, as `encoder_alone`."""
+
+    def __init__(self, threads: int | None, precision: str) -> None:
+        self.threads, self.precision = threads, precision
+        self.encoder = None
+        self.rounds_ms: list[float] = []
+
+    def warm(self, texts: list[str]) -> None:
+        self.encoder = sentence_encoder(self.threads, self.precision, batch=32)
+        self.encoder(texts[:32])
+        for text in texts[:64]:  # and one at a time (the first pass so was 1-5 ms slower than the next ones)
+            self.encoder([text])
+
+    def measure(self, texts: list[str]) -> None:
+        self.rounds_ms.append(one_at_a_time(lambda i: self.encoder([texts[i]]), min(len(texts), 64)))
+
+
+def sentence_encoder(threads: int | None, precision: str, batch: int):
+    """The frozen encoder as sentence-transformers serves it (length-sorted batches, mean-pooled), every call
+    encoding (no embedding reused); in bf16 its weights are stored in bf16 (the fastest it runs in bf16)."""
     import torch
 
     from bench.baselines import SentenceEncoder
 
     if threads:
         torch.set_num_threads(int(threads))
-    encoder = SentenceEncoder(batch_size=batch, remember=False)  # every call encodes: no embedding is reused
+    encoder = SentenceEncoder(batch_size=batch, remember=False)
     if precision == "bf16":
         encoder.model.to(torch.bfloat16)
-    run = encoder
+    return encoder
+
+
+def encoder_alone(texts: list[str], threads: int | None, precision: str = "fp32", batch: int = 32) -> dict:
+    """The floor this backbone allows: the frozen encoder alone (no adapters), mean-pooled, on the same texts,
+    as sentence-transformers serves it (length-sorted batches of 32); and one text at a time, for c=1. At the
+    server's precision (`sentence_encoder`)."""
+    run = sentence_encoder(threads, precision, batch)
 
     run(texts[:batch])  # warm-up
     seconds = median_time(lambda: run(texts), 3)
@@ -415,8 +449,18 @@ def against_encoder(rows: list[dict], encoder: dict) -> list[str]:
         )
         if row["concurrency"] == 1 and row["p50_ms"] is not None:
             line += f"; p50 {row['p50_ms']:.1f} ms vs {encoder['p50_ms_one_text']:.1f} ms for one text"
+            line += paired_gaps(row.get("p50_ms_rounds", []), encoder.get("p50_ms_one_text_rounds", []))
         lines.append(line)
     return lines
+
+
+def paired_gaps(p50_rounds: list[float | None], reference_rounds: list[float]) -> str:
+    """The c=1 p50 minus the encoder alone's one-text latency, round by round (see OneTextReference)."""
+    gaps = [p - r for p, r in zip(p50_rounds, reference_rounds, strict=False) if p is not None]
+    if not gaps:
+        return ""
+    listed = ", ".join(f"{g:.1f}" for g in gaps)
+    return f"; minus the one-text reference of its own round: {listed} ms (median {statistics.median(gaps):.1f})"
 
 
 # ------------------------------------------------------------------------------------- in-process parts
@@ -615,12 +659,14 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         proto_dim = len(httpx.get(f"{base}/prototypes/{_first_task(base)}?include_vector=true").json()["vector"])
-        rows, by_task, kind = load_test(args, base)
+        reference = OneTextReference(info.get("torch_threads"), precision)
+        rows, by_task, kind = load_test(args, base, reference)
     finally:
         uvicorn.stop()
     engine = load_engine(args)
     count_tokens(rows, engine)
     encoder = encoder_alone(mixed_texts(by_task), info.get("torch_threads"), precision)
+    encoder["p50_ms_one_text_rounds"] = reference.rounds_ms
     pipeline = pipeline_alone(engine, by_task)
     summary = compare(rows) + against_encoder(rows, encoder)
     if pipeline is not None:

@@ -19,10 +19,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +29,7 @@ from torch import nn
 
 from .config import BackboneConfig
 from .packing import Packing
-
-T = TypeVar("T")
+from .weights import Derived, use_decoder_linears
 
 
 class BackboneError(ValueError):
@@ -257,25 +255,6 @@ ATTENTION_BY_DEVICE = {"cpu": "eager"}
 DEFAULT_ATTENTION = "sdpa"
 
 
-class Derived:
-    """Tensors made from parameters for inference (a state no input changes, a weight in another layout), made
-    again when one of their parameters changes: an in-place update (an optimiser step) bumps a tensor's version,
-    and moving or casting the model makes new tensors. They carry no gradient: callers use them with grad off."""
-
-    def __init__(self) -> None:
-        self._made: dict[object, tuple[tuple, Any]] = {}
-
-    def get(self, key: object, sources: Sequence[torch.Tensor], make: Callable[[], T]) -> T:
-        device = sources[0].device.type
-        stamp = (torch.is_autocast_enabled(device), *((t.data_ptr(), t._version, t.dtype) for t in sources))
-        made = self._made.get(key)
-        if made is None or made[0] != stamp:
-            with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable outside inference mode too
-                made = (stamp, make())
-            self._made[key] = made
-        return made[1]
-
-
 class MiniLMBackbone(Backbone):
     """BERT encoder + BERT decoder warm-started from the same checkpoint (see module docstring)."""
 
@@ -319,6 +298,9 @@ class MiniLMBackbone(Backbone):
         self.decoder_start_token_id = self.tokenizer.cls_token_id
         self.eos_token_id = self.tokenizer.sep_token_id
         self._derived = Derived()
+        # The decoder's projections read their weights in the layout inference reads fastest (weights.py).
+        use_decoder_linears(self.decoder.bert.encoder)
+        use_decoder_linears(self.decoder.cls.predictions.transform)
 
     @torch.no_grad()
     def _warm_start_decoder(self) -> None:
@@ -487,15 +469,7 @@ class MiniLMBackbone(Backbone):
         """Decoder layer `depth` after its self-attention: folded cross-attention, then the FFN (and its adapter)."""
         layer = self.decoder.bert.encoder.layer[depth]
         h = layer.crossattention.output(_folded_cross_attention(layer.crossattention.self, h, memory, pad, reader), h)
-        if torch.is_grad_enabled():
-            return layer.feed_forward_chunk(h)
-        # The FFN's first projection with its weight read as stored transposed, [d, 4d]: MKL's product of a few
-        # rows with the [4d, d] weight as stored streams it ~2.7x slower (one row, MiniLM's 1536 x 384 weight
-        # not in cache: 263 vs 98 us; 16 rows and more: the same within 5%; 2-core AMD EPYC, torch 2.13).
-        dense = layer.intermediate.dense
-        weight = self._derived.get(("ffn_in", depth), [dense.weight], lambda: dense.weight.t().contiguous())
-        inner = torch.addmm(dense.bias, h.reshape(-1, h.size(-1)), weight).view(*h.shape[:-1], -1)
-        return layer.output(layer.intermediate.intermediate_act_fn(inner), h)
+        return layer.feed_forward_chunk(h)
 
     def decoder_stack(self) -> nn.Module:
         return self.decoder.bert

@@ -127,15 +127,21 @@ def test_packed_pass_on_the_real_backbone_matches_bertmodel():
 
 @torch.no_grad()
 def test_tensors_made_from_weights_follow_the_weights():
-    """The decoder's first step is kept between calls: a weight changed in place (an optimiser step between
-    evaluations) must be seen by the next call."""
+    """The decoder's first step is kept between calls, and its projections read copies of their weights in
+    inference mode (weights.py): a weight changed in place (an optimiser step between evaluations) must be
+    seen by the next call."""
     from pha_core.backbones import Backbone
 
     model = _model()
     bb = model.backbone
     ids, mask, real = _rows(model)
     memory = bb.encode_packed(ids, mask)
-    start = bb.start_states(memory, mask)
+
+    def served():  # what evaluation and serving run: inference mode, where the copies are read
+        with torch.inference_mode():
+            return bb.start_states(memory, mask).clone()
+
+    start = served()
     assert torch.allclose(start, Backbone.start_states(bb, memory, mask), atol=1e-5)  # the plain decoder step
     value = bb.encoder.encoder.layer[0].attention.self.value.weight
     value.add_(torch.randn_like(value))
@@ -146,7 +152,7 @@ def test_tensors_made_from_weights_follow_the_weights():
     moved = bb.encode_packed(ids, mask)
     assert torch.allclose(moved[real], bb.encode(ids, mask)[real], atol=1e-5)
     assert not torch.allclose(moved[real], memory[real], atol=1e-3)
-    again = bb.start_states(memory, mask)
+    again = served()
     assert torch.allclose(again, Backbone.start_states(bb, memory, mask), atol=1e-5)
     assert not torch.allclose(again, start, atol=1e-3)
     with torch.enable_grad():  # with grad on, the weights as they are (nothing kept carries a gradient)
