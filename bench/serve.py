@@ -250,9 +250,9 @@ def load_test(
     by_task, kind = inputs_by_task(base, args.rows)
     single = args.single_task if args.single_task in by_task else next(iter(by_task))
     cells: dict[tuple[int, int, str], list[dict]] = {}
+    texts = mixed_texts(by_task)
+    reference.warm(texts)
     for round_ in range(args.rounds):
-        if round_ == 0:
-            reference.warm(mixed_texts(by_task))
         for max_new in args.max_new_tokens:
             for concurrency in args.concurrency:
                 for scenario in SCENARIOS:
@@ -263,7 +263,7 @@ def load_test(
                         f"max_new_tokens={max_new}: {row['rps']} req/s",
                         flush=True,
                     )
-        reference.measure(mixed_texts(by_task))
+        reference.measure(texts)
     return [median_round(rounds) for rounds in cells.values()], by_task, kind
 
 

@@ -54,14 +54,15 @@ class DecoderLinear(nn.Linear):
     - Anything else, and always outside inference mode or under autocast: `nn.Linear` itself.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._derived = Derived()
+
     @classmethod
     def replacing(cls, linear: nn.Linear) -> DecoderLinear:
         """A DecoderLinear holding `linear`'s own parameters (tied, not copied)."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         new.weight, new.bias = linear.weight, linear.bias
-        new._derived = Derived()
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
